@@ -1,0 +1,81 @@
+# vla-export: the Makefile only wires stages together; each target is one `vla-export` command.
+#   make demo      set up .venv, build demo data + checkpoint, run the whole pipeline, print the report
+#   make test      set up .venv and run the tests
+# Variables: CHECKPOINT=path (default: the trained demo checkpoint), ARTIFACTS=dir, EPISODES=dir, PRESET=tiny|small|full
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VLA := $(VENV)/bin/vla-export
+PRESET ?= tiny
+EPISODES ?= data/episodes
+DEMO_CHECKPOINT := checkpoints/demo
+CHECKPOINT ?= $(DEMO_CHECKPOINT)
+ARTIFACTS ?= artifacts
+BUNDLE ?= dist/policy
+# exit code of a stage whose backend this machine lacks (vla_export.errors.EXIT_UNAVAILABLE): reported as skipped
+SKIP := 4
+
+.PHONY: demo test install data checkpoint export quantize trt aoti validate profile report bundle lint clean help
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '2,5p' Makefile
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ros]'
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	@test -f $(EPISODES)/.complete || $(VLA) episodes synth -o $(EPISODES) --count 72 --seed 0
+
+# The demo checkpoint is trained once; a user checkpoint (CHECKPOINT=...) is used as given.
+checkpoint: data
+	@if [ "$(CHECKPOINT)" = "$(DEMO_CHECKPOINT)" ] && [ ! -f $(CHECKPOINT)/config.json ]; then \
+		$(VLA) checkpoint --preset $(PRESET) --train $(EPISODES) -o $(CHECKPOINT); fi
+
+export: checkpoint
+	$(VLA) export $(CHECKPOINT) -o $(ARTIFACTS) --episodes $(EPISODES)
+
+quantize: export
+	$(VLA) quantize $(ARTIFACTS)/model.onnx --mode dynamic --episodes $(EPISODES)
+	$(VLA) quantize $(ARTIFACTS)/model.onnx --mode fp16 --episodes $(EPISODES)
+	$(VLA) quantize $(ARTIFACTS)/model.onnx --mode static --calib $(EPISODES) --episodes $(EPISODES)
+
+# TensorRT needs a CUDA GPU and `pip install 'vla-export[trt]'`; without them the stage is reported as skipped.
+trt: quantize
+	@for spec in "model.onnx fp16" "model.int8-static.onnx int8"; do set -- $$spec; \
+		$(VLA) trt $(ARTIFACTS)/$$1 --precision $$2; rc=$$?; \
+		if [ $$rc -eq $(SKIP) ]; then echo "trt $$2: SKIPPED (see the line above)"; \
+		elif [ $$rc -ne 0 ]; then exit $$rc; fi; done
+
+aoti: checkpoint
+	$(VLA) aoti $(CHECKPOINT) -o $(ARTIFACTS) --device cpu --dtype fp32
+
+validate: install
+	$(VLA) validate $(ARTIFACTS) --episodes $(EPISODES)
+
+profile: install
+	$(VLA) profile $(ARTIFACTS)
+
+report: install
+	$(VLA) report $(ARTIFACTS)
+
+bundle: install
+	$(VLA) bundle --artifact $(ARTIFACTS)/model.int8.onnx -o $(BUNDLE)
+
+demo: trt aoti
+	$(MAKE) --no-print-directory validate profile report bundle
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check vla_export tests scripts
+
+clean:
+	rm -rf $(ARTIFACTS) dist

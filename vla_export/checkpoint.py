@@ -1,0 +1,255 @@
+"""Checkpoints: the native directory format and the original training scripts' `.pth` files.
+
+Native: a directory with `config.json` and `model.safetensors` (plus tokenizer files the preprocessing names).
+`config.json` holds the architecture, preset, overrides and resolved model config, action names and units, the
+preprocessing (image size/mean/std, tokenizer files) and training metrics. Save/load round-trips bit-exactly.
+
+Legacy: a `.pth` dict `{epoch, model_state_dict, optimizer_state_dict, val_mae, args}` (or `state_dict`/`model`
+keys, or a bare state dict). Loaded with `torch.load(weights_only=True)`, allowing only `argparse.Namespace`
+(which those files pickle under `args`); anything else needs `trust=True` (`--trust-checkpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vla_export.errors import UserError
+from vla_export.io_spec import IOSpec
+from vla_export.manifest import sha256_files, staging_dir
+from vla_export.models import get_architecture
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_FORMAT = "vla-export-checkpoint"
+LEGACY_STATE_KEYS = ("model_state_dict", "state_dict", "model")
+
+DEFAULT_PREPROCESSING = {
+    "image_size": 224,
+    # CLIP's normalisation, which both towers of the reference model were trained with.
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "kosmos_tokenizer": "kosmos_tokenizer.json",
+    "clip_tokenizer": "clip_tokenizer.json",
+}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]  # the whole config.json
+    model: nn.Module
+    spec: IOSpec
+    sha256: str
+
+    @property
+    def arch(self) -> str:
+        return self.config["architecture"]
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return self.config["model_config"]
+
+    @property
+    def action_names(self) -> list[str]:
+        return self.config["action_names"]
+
+
+def make_config(arch: str, preset: str | None, overrides: dict | None, action_names: list[str] | None = None,
+                action_units: list[str] | None = None, preprocessing: dict | None = None,
+                training: dict | None = None) -> dict[str, Any]:
+    model_config = get_architecture(arch).resolve_config(preset, overrides)
+    n = int(model_config.get("action_dim", 2))
+    names = list(action_names or ["linear_x", "linear_y", "angular_z"][:n] + [f"a{i}" for i in range(3, n)])
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": 1,
+        "architecture": arch,
+        "preset": preset,
+        "overrides": overrides or {},
+        "model_config": model_config,
+        "action_names": names,
+        "action_units": list(action_units or ["m/s" if nm.startswith("linear") else "rad/s" if nm.startswith(
+            "angular") else "" for nm in names]),
+        "preprocessing": {**DEFAULT_PREPROCESSING, "image_size": int(model_config.get("image_size", 224)),
+                          **(preprocessing or {})},
+        "training": training or {},
+    }
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    return sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """Digest of a checkpoint: every file of a directory, or the one `.pth` file."""
+    path = Path(path)
+    return sha256_files(checkpoint_files(path) if path.is_dir() else [path])
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, config: dict[str, Any],
+                    extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
+    """Write a native checkpoint directory atomically (staged beside it, renamed when complete)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    with staging_dir(out_dir.parent if out_dir.parent != Path("") else Path(".")) as tmp:
+        stage = tmp / out_dir.name
+        stage.mkdir()
+        # contiguous clones: safetensors refuses shared or non-contiguous storage (tied embeddings, views)
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, stage / name)
+        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for p in stage.iterdir():
+            os.chmod(p, 0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(stage, out_dir)
+    return out_dir
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; create one with `vla-export checkpoint` or check the path")
+    if not path.is_dir() or not cfg_path.exists():
+        raise UserError(f"{path} is not a vla-export checkpoint directory (no {CONFIG_NAME}); "
+                        "for a legacy .pth file pass the file itself with --preset/--arch")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path} is not valid JSON: {e}")
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{cfg_path} is not a vla-export checkpoint config (format={config.get('format')!r})")
+    return config
+
+
+def load_spec(path: str | os.PathLike) -> tuple[IOSpec, dict[str, Any]]:
+    """The IO spec of a native checkpoint, without building or loading weights."""
+    config = read_config(path)
+    return get_architecture(config["architecture"]).spec(config["model_config"]), config
+
+
+def _legacy_state_dict(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        if trust:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError with multi-line text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} pickles objects other than tensors and argparse.Namespace ({first[:160]}); "
+                            "if you trust its source, pass --trust-checkpoint") from e
+        raise UserError(f"{path} is not a PyTorch checkpoint ({first[:160]})") from e
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key in LEGACY_STATE_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                meta = {k: v for k, v in obj.items() if k not in ("model_state_dict", "state_dict", "model",
+                                                                 "optimizer_state_dict")}
+                obj = obj[key]
+                break
+    elif isinstance(obj, nn.Module) and trust:
+        obj = obj.state_dict()
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state dict (expected model_state_dict/state_dict/model keys or a bare "
+                        "state dict of tensors)")
+    if isinstance(meta.get("args"), argparse.Namespace):
+        meta["args"] = vars(meta["args"])
+    return obj, meta
+
+
+def apply_renames(state: dict[str, torch.Tensor], rename: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Rename state-dict keys by prefix (`{"module.": "", "backbone.kosmos.": "kosmos."}`), longest prefix first."""
+    if not rename:
+        return state
+    prefixes = sorted(rename, key=len, reverse=True)
+    out = {}
+    for key, value in state.items():
+        for p in prefixes:
+            if key.startswith(p):
+                key = rename[p] + key[len(p):]
+                break
+        out[key] = value
+    return out
+
+
+def check_and_load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Strict load with one-line errors: missing/unexpected keys, shape mismatches, NaN/Inf."""
+    own = model.state_dict()
+    # Non-persistent or derived buffers transformers recreates (e.g. position_ids) may be absent from old files.
+    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        raise UserError(f"{source}: state dict does not match the architecture: {'; '.join(parts)}; "
+                        "check --preset/--arch or map names with --rename OLD=NEW")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"{source}: tensor {k} has shape {tuple(v.shape)} but the architecture expects "
+                            f"{tuple(own[k].shape)}; check --preset/overrides")
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"{source}: tensor {k} contains NaN or Inf; the checkpoint is corrupt or training diverged")
+    model.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, arch: str | None = None,
+                    preset: str | None = None, overrides: dict | None = None,
+                    rename: dict[str, str] | None = None, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a native checkpoint directory, or a legacy `.pth` file (then `arch`/`preset`/`overrides` say what it is)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; create one with `vla-export checkpoint` or check the path")
+    if path.is_dir():
+        config = read_config(path)
+        weights = path / WEIGHTS_NAME
+        if not weights.exists():
+            raise UserError(f"checkpoint {path} has no {WEIGHTS_NAME}; the directory is incomplete")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(weights), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{weights} is not a readable safetensors file ({e})") from e
+    else:
+        state, meta = _legacy_state_dict(path, trust)
+        config = make_config(arch or "kosmos2-clip-hybrid", preset or "full", overrides,
+                             training={"legacy": {k: v for k, v in meta.items() if _jsonable(v)}})
+    state = apply_renames(state, rename)
+    try:
+        model, spec = get_architecture(config["architecture"]).build(config["model_config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: cannot build architecture {config['architecture']!r} from its config: {e}") from e
+    check_and_load_state(model, state, path)
+    return Checkpoint(path=path, config=config, model=model.to(device).eval(), spec=spec,
+                      sha256=checkpoint_sha256(path))
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return not (isinstance(v, float) and not math.isfinite(v))
+    except TypeError:
+        return False

@@ -1,0 +1,298 @@
+"""Artifact manifests and the file-handling rules every stage shares.
+
+Each artifact `X` (a `.onnx`, `.engine`, `.pt2`, ...) has `X.json` beside it: how it was made (stage, settings,
+source sha256, tool versions, device, wall time, peak RSS), every file it needs with its size, and its metrics.
+Files are written under a temporary name and renamed only once complete and checked, so a crash or a failed gate
+never leaves something that looks like a valid artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from vla_export.errors import UserError
+
+MANIFEST_SUFFIX = ".json"
+FORMAT_VERSION = 1
+
+
+# -- hashing and sizes -----------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One digest over several files (name + content), e.g. a `.onnx` and its `.onnx.data`, or a checkpoint dir."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def onnx_external_files(onnx_path: str | os.PathLike) -> list[Path]:
+    """External-data files an ONNX model references (read from the graph, not guessed from the name)."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = set()
+    for init in _all_initializers(model.graph):
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in init.external_data:
+                if kv.key == "location":
+                    names.add(kv.value)
+    return [onnx_path.parent / n for n in sorted(names)]
+
+
+def _all_initializers(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.ByteSize():
+                yield from _all_initializers(attr.g)
+            for g in attr.graphs:
+                yield from _all_initializers(g)
+
+
+def artifact_files(path: str | os.PathLike) -> list[Path]:
+    """Every file an artifact needs to run: the file itself plus, for ONNX, its external data."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path]
+    if path.suffix == ".onnx":
+        files += onnx_external_files(path)
+    return files
+
+
+def file_sizes(paths: list[Path]) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in paths}
+
+
+def total_bytes(path: str | os.PathLike) -> int:
+    """Honest size: every byte the artifact needs (a `.onnx` plus its `.onnx.data`)."""
+    return sum(p.stat().st_size for p in artifact_files(path))
+
+
+# -- environment -----------------------------------------------------------------------------------------------
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("vla-export", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "transformers",
+                "tensorrt", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "arch": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    except ImportError:
+        pass
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+# -- peak memory -------------------------------------------------------------------------------------------------
+class PeakRSS:
+    """Samples this process's RSS (and its children's) in a thread; `.peak_bytes` after the block.
+
+    `ru_maxrss` would be simpler but is a process-lifetime high-water mark: useless for a second stage in
+    the same process."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        import psutil
+
+        proc = psutil.Process()
+        rss = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                rss += child.memory_info().rss
+        return rss
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak_bytes = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._rss())
+
+
+@contextlib.contextmanager
+def measured() -> Iterator[dict[str, float]]:
+    """`with measured() as m: ...` then `m["wall_s"]`, `m["peak_rss_bytes"]`."""
+    result: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with PeakRSS() as peak:
+        yield result
+    result["wall_s"] = round(time.perf_counter() - t0, 3)
+    result["peak_rss_bytes"] = peak.peak_bytes
+
+
+# -- atomic output -----------------------------------------------------------------------------------------------
+def check_writable_dir(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out_dir}: {e.strerror}; choose a writable -o/--output")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {out_dir} is not writable; choose a writable -o/--output")
+    return out_dir
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory inside `out_dir` (same filesystem, so the final rename is atomic), removed on exit.
+
+    Write all files of an artifact here, check them, then `publish()` them; anything left is deleted, so an
+    exception (disk full, failed check) leaves no partial artifact behind."""
+    out_dir = check_writable_dir(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        yield tmp
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise UserError(f"disk full while writing to {out_dir}: free space or choose another -o; "
+                            "nothing was written") from e
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(staged: list[Path], out_dir: str | os.PathLike, rename: dict[str, str] | None = None) -> list[Path]:
+    """Move staged files into `out_dir` (readable by everyone: the exporter wrote `.onnx.data` as 0600).
+
+    Data files go first and the main file (first in `staged`) last, so a reader never sees a main file whose
+    data is missing."""
+    out_dir = Path(out_dir)
+    rename = rename or {}
+    final = []
+    for src in [*staged[1:], staged[0]]:
+        dst = out_dir / rename.get(src.name, src.name)
+        os.chmod(src, 0o644)
+        os.replace(src, dst)
+        final.append(dst)
+    return [final[-1], *final[:-1]]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+# -- manifests ---------------------------------------------------------------------------------------------------
+def manifest_path(artifact: str | os.PathLike) -> Path:
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + MANIFEST_SUFFIX)
+
+
+def new_manifest(stage: str, artifact: str | os.PathLike, **fields: Any) -> dict[str, Any]:
+    """The common head of every manifest; stages add `settings`, `source`, `metrics`, ..."""
+    artifact = Path(artifact)
+    files = artifact_files(artifact)
+    return {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "artifact": artifact.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": file_sizes(files),
+        "total_bytes": sum(p.stat().st_size for p in files),
+        "sha256": sha256_files(files),
+        "versions": tool_versions(),
+        "machine": machine_info(),
+        **fields,
+    }
+
+
+def write_manifest(artifact: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    return write_text_atomic(manifest_path(artifact), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+
+
+def read_manifest(artifact: str | os.PathLike) -> dict[str, Any]:
+    path = manifest_path(artifact)
+    if not path.exists():
+        raise UserError(f"{artifact} has no manifest {path.name} beside it; rebuild it with vla-export")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"manifest {path} is not valid JSON ({e}); rebuild the artifact")
+
+
+def _json_default(obj: Any):
+    import numpy as np
+
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")

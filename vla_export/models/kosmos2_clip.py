@@ -1,0 +1,289 @@
+"""`kosmos2-clip-hybrid`: the reference VLA policy (Kosmos-2 + CLIP -> fusion MLP -> temporal head -> actions).
+
+Both towers are transformers models built from configs (no hub access) or, when the config names a local
+directory, loaded with `from_pretrained(path)` offline.
+
+Features per frame: the Kosmos-2 text decoder's last hidden state mean-pooled over the attended tokens, the CLIP
+text projection and the CLIP image projection; concatenated, fused by an MLP, passed through a temporal head
+(`mlp`, stateless, or `lstm`, with explicit `h`/`c` state tensors so a robot streams frames through an exported
+graph) and an action head.
+
+Kosmos-2 places the image embeddings into the token sequence with a boolean-mask scatter
+(`inputs_embeds[mask] = image_embeds`), a data-dependent shape that blocks CUDA-graph capture and TensorRT's
+parser (ScatterND after NonZero). The policy does the same placement with a gather + `where`, static in shape and
+identical in value whenever each row of `image_embeds_position_mask` has `latent_query_num` ones, which the
+preprocessing guarantees (`tests/test_models.py` checks it against `Kosmos2Model.forward`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vla_export.io_spec import Dim, IOSpec, TensorSpec
+
+ARCH_NAME = "kosmos2-clip-hybrid"
+
+# Token layout the preprocessing builds (ids are looked up by string in the tokenizer, so a real Kosmos-2
+# tokenizer directory works too): <s> <image> <image>*Q </image> text... </s> <pad>...
+KOSMOS_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<image>", "</image>", "<image_token>"]
+CLIP_SPECIAL_TOKENS = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+# Kosmos-2's real ids: bos 0, pad 1, eos 2, unk 3. CLIP's eos must not be 2: transformers' CLIP text model treats
+# eos_token_id == 2 as "legacy" and pools at argmax(input_ids) instead of at the eos token.
+KOSMOS_PAD_ID = 1
+CLIP_PAD_ID, CLIP_BOS_ID, CLIP_EOS_ID = 0, 2, 3
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: seconds on a CPU, under 5 M parameters.
+    "tiny": {
+        "kosmos": {
+            "latent_query_num": 8,
+            "text_config": {"vocab_size": 512, "embed_dim": 64, "layers": 2, "attention_heads": 2, "ffn_dim": 128,
+                            "max_position_embeddings": 128},
+            "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "image_size": 224, "patch_size": 14},
+        },
+        "clip": {
+            "projection_dim": 64,
+            "text_config": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "max_position_embeddings": 32},
+            "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "image_size": 224, "patch_size": 32},
+        },
+        "fusion_dim": 128,
+        "head_dim": 64,
+    },
+    # CPU benchmarks: tens of millions of parameters, same shape of computation as `full`.
+    "small": {
+        "kosmos": {
+            "latent_query_num": 32,
+            "text_config": {"vocab_size": 8192, "embed_dim": 512, "layers": 6, "attention_heads": 8, "ffn_dim": 2048,
+                            "max_position_embeddings": 512},
+            "vision_config": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+                              "num_attention_heads": 6, "image_size": 224, "patch_size": 14},
+        },
+        "clip": {
+            "projection_dim": 256,
+            "text_config": {"vocab_size": 8192, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "max_position_embeddings": 77},
+            "vision_config": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 4,
+                              "num_attention_heads": 6, "image_size": 224, "patch_size": 32},
+        },
+        "fusion_dim": 512,
+        "head_dim": 256,
+    },
+    # microsoft/kosmos-2-patch14-224 + openai/clip-vit-base-patch32 dimensions: 1,817,467,907 parameters (mlp head).
+    "full": {
+        "kosmos": {},  # transformers' Kosmos2Config defaults are the patch14-224 model
+        "clip": {
+            "projection_dim": 512,
+            "text_config": {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+                            "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77},
+            "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                              "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+        },
+        "fusion_dim": 512,
+        "head_dim": 256,
+    },
+}
+
+DEFAULTS: dict[str, Any] = {
+    "head": "mlp",  # "mlp" (stateless) or "lstm" (explicit h/c state)
+    "action_dim": 2,
+    "text_len": 16,  # instruction tokens (incl. </s>) in the Kosmos-2 sequence after the image span
+    "clip_text_len": 16,  # CLIP tokens incl. start/end
+    "max_batch": 8,  # upper bound of the dynamic batch dim (TensorRT profile max, torch.export bound)
+    "image_size": 224,
+    "dropout": 0.0,
+    "kosmos_pretrained": None,  # local HF directory with a Kosmos-2 model: from_pretrained(path) offline
+    "clip_pretrained": None,  # local HF directory with a CLIP model
+}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def resolve_config(preset: str = "tiny", overrides: dict | None = None) -> dict[str, Any]:
+    """Full model config: DEFAULTS <- PRESETS[preset] <- overrides (any field, nested dicts merged)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = deep_merge(deep_merge(DEFAULTS, PRESETS[preset]), overrides or {})
+    cfg["preset"] = preset
+    if cfg["head"] not in ("mlp", "lstm"):
+        raise ValueError(f"unknown head {cfg['head']!r}; choose mlp or lstm")
+    return cfg
+
+
+def _kosmos_config(cfg):
+    from transformers import Kosmos2Config
+
+    k = copy.deepcopy(cfg["kosmos"])
+    text = {"pad_token_id": KOSMOS_PAD_ID, "bos_token_id": 0, "eos_token_id": 2, "dropout": cfg["dropout"],
+            **k.pop("text_config", {})}
+    return Kosmos2Config(text_config=text, vision_config=k.pop("vision_config", {}), **k)
+
+
+def _clip_config(cfg):
+    from transformers import CLIPConfig
+
+    c = copy.deepcopy(cfg["clip"])
+    text = {"pad_token_id": CLIP_PAD_ID, "bos_token_id": CLIP_BOS_ID, "eos_token_id": CLIP_EOS_ID,
+            **c.pop("text_config", {})}
+    return CLIPConfig(text_config=text, vision_config=c.pop("vision_config", {}), **c)
+
+
+class Kosmos2ClipPolicy(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        from transformers import CLIPModel, Kosmos2Model
+
+        self.cfg = cfg
+        if cfg.get("kosmos_pretrained"):
+            self.kosmos = Kosmos2Model.from_pretrained(cfg["kosmos_pretrained"], local_files_only=True)
+        else:
+            self.kosmos = Kosmos2Model(_kosmos_config(cfg))
+        if cfg.get("clip_pretrained"):
+            self.clip = CLIPModel.from_pretrained(cfg["clip_pretrained"], local_files_only=True)
+        else:
+            self.clip = CLIPModel(_clip_config(cfg))
+        kt = self.kosmos.config.text_config
+        self.pad_id = kt.pad_token_id
+        feat = kt.embed_dim + 2 * self.clip.config.projection_dim
+        self.fusion = nn.Sequential(nn.Linear(feat, cfg["fusion_dim"]), nn.GELU(), nn.Dropout(cfg["dropout"]))
+        if cfg["head"] == "lstm":
+            self.temporal = nn.LSTMCell(cfg["fusion_dim"], cfg["head_dim"])
+        else:
+            self.temporal = nn.Sequential(nn.Linear(cfg["fusion_dim"], cfg["head_dim"]), nn.GELU())
+        self.action_head = nn.Linear(cfg["head_dim"], cfg["action_dim"])
+
+    # The Kosmos-2 text decoder with the image embeddings placed by index, not by a boolean-mask scatter.
+    def kosmos_features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask):
+        image_embeds = self.kosmos.get_image_features(pixel_values, return_dict=True).pooler_output  # [B, Q, D]
+        text = self.kosmos.text_model.model
+        tokens = text.embed_tokens(input_ids)  # unscaled, as forward_embedding expects
+        place = image_embeds_position_mask.to(torch.bool)
+        # k-th marked position of a row takes image embedding k: index = (running count of marks) - 1.
+        index = (torch.cumsum(place.to(torch.int64), dim=1) - 1).clamp(min=0, max=image_embeds.shape[1] - 1)
+        gathered = torch.gather(image_embeds, 1, index.unsqueeze(-1).expand(-1, -1, image_embeds.shape[-1]))
+        inputs_embeds = torch.where(place.unsqueeze(-1), gathered.to(tokens.dtype), tokens)
+        # Position ids as Kosmos-2 derives them from input_ids (padding keeps padding_idx), which it cannot do
+        # when given inputs_embeds.
+        not_pad = input_ids.ne(self.pad_id).to(torch.int64)
+        position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
+        hidden = self.kosmos.text_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+        ).last_hidden_state
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
+                 clip_attention_mask):
+        k = self.kosmos_features(pixel_values, input_ids, attention_mask, image_embeds_position_mask)
+        c_text = self.clip.text_model(input_ids=clip_input_ids, attention_mask=clip_attention_mask).pooler_output
+        c_text = self.clip.text_projection(c_text)
+        c_image = self.clip.visual_projection(self.clip.vision_model(pixel_values=pixel_values).pooler_output)
+        return self.fusion(torch.cat([k, c_text, c_image], dim=-1))
+
+    def forward(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
+                clip_attention_mask, h=None, c=None):
+        fused = self.features(pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
+                              clip_attention_mask)
+        if self.cfg["head"] == "lstm":
+            if h is None:
+                h = fused.new_zeros(fused.shape[0], self.cfg["head_dim"])
+                c = fused.new_zeros(fused.shape[0], self.cfg["head_dim"])
+            h_out, c_out = self.temporal(fused, (h, c))
+            return self.action_head(h_out), h_out, c_out
+        return self.action_head(self.temporal(fused))
+
+
+def kosmos_seq_len(cfg: dict[str, Any]) -> int:
+    """Kosmos-2 sequence length: <s> <image> Q image tokens </image> + text_len."""
+    return 3 + int(cfg.get("kosmos", {}).get("latent_query_num", 64)) + int(cfg["text_len"])
+
+
+def io_spec(cfg: dict[str, Any]) -> IOSpec:
+    q = int(cfg.get("kosmos", {}).get("latent_query_num", 64))
+    size = int(cfg["image_size"])
+    image_prefix = 3 + q
+    dims = {
+        "batch": Dim("batch", 1, 1, int(cfg["max_batch"])),
+        # Text length may vary per call (a shorter instruction needs no padding); the image span is fixed.
+        "seq": Dim("seq", image_prefix + 1, kosmos_seq_len(cfg), image_prefix + 4 * int(cfg["text_len"])),
+        "clip_seq": Dim("clip_seq", 2, int(cfg["clip_text_len"]), int(cfg["clip"]["text_config"].get(
+            "max_position_embeddings", 77))),
+    }
+    inputs = [
+        TensorSpec("pixel_values", "float32", ("batch", 3, size, size), "RGB image, resized and normalised"),
+        TensorSpec("input_ids", "int64", ("batch", "seq"), "Kosmos-2 tokens: <s><image>[Q image slots]</image> text"),
+        TensorSpec("attention_mask", "int64", ("batch", "seq"), "1 for real tokens, 0 for padding"),
+        TensorSpec("image_embeds_position_mask", "int64", ("batch", "seq"), "1 at the Q image slots"),
+        TensorSpec("clip_input_ids", "int64", ("batch", "clip_seq"), "CLIP tokens of the instruction"),
+        TensorSpec("clip_attention_mask", "int64", ("batch", "clip_seq"), "1 for real CLIP tokens"),
+    ]
+    outputs = [TensorSpec("actions", "float32", ("batch", int(cfg["action_dim"])), "predicted actions")]
+    state = {}
+    if cfg["head"] == "lstm":
+        hd = int(cfg["head_dim"])
+        inputs += [TensorSpec("h", "float32", ("batch", hd), "LSTM hidden state (zeros at episode start)"),
+                   TensorSpec("c", "float32", ("batch", hd), "LSTM cell state (zeros at episode start)")]
+        outputs += [TensorSpec("h_out", "float32", ("batch", hd), "next hidden state"),
+                    TensorSpec("c_out", "float32", ("batch", hd), "next cell state")]
+        state = {"h_out": "h", "c_out": "c"}
+    spec = IOSpec(inputs=inputs, outputs=outputs, dims=dims, state=state)
+
+    vocab_k = int(cfg.get("kosmos", {}).get("text_config", {}).get("vocab_size", 65037))
+    vocab_c = int(cfg["clip"]["text_config"].get("vocab_size", 49408))
+
+    def examples(batch: int = 1, seed: int = 0, seq: int | None = None, clip_seq: int | None = None,
+                 **_: int) -> dict[str, np.ndarray]:
+        """Structurally valid inputs: the image span where the model expects it, random text of random length."""
+        rng = np.random.default_rng(seed)
+        seq = seq or dims["seq"].opt
+        clip_seq = clip_seq or dims["clip_seq"].opt
+        text_max = seq - image_prefix
+        ids = np.full((batch, seq), KOSMOS_PAD_ID, dtype=np.int64)
+        att = np.zeros((batch, seq), dtype=np.int64)
+        img = np.zeros((batch, seq), dtype=np.int64)
+        cids = np.full((batch, clip_seq), CLIP_PAD_ID, dtype=np.int64)
+        catt = np.zeros((batch, clip_seq), dtype=np.int64)
+        first_text_id = len(KOSMOS_SPECIAL_TOKENS)
+        for b in range(batch):
+            n = int(rng.integers(1, text_max + 1))  # text tokens incl. </s>
+            ids[b, 0], ids[b, 1], ids[b, 2 + q] = 0, 4, 5
+            ids[b, 2:2 + q] = 6
+            ids[b, image_prefix:image_prefix + n - 1] = rng.integers(first_text_id, vocab_k, n - 1)
+            ids[b, image_prefix + n - 1] = 2
+            att[b, :image_prefix + n] = 1
+            img[b, 2:2 + q] = 1
+            m = int(rng.integers(2, clip_seq + 1))
+            cids[b, 0], cids[b, m - 1] = CLIP_BOS_ID, CLIP_EOS_ID
+            cids[b, 1:m - 1] = rng.integers(len(CLIP_SPECIAL_TOKENS), vocab_c, m - 2)
+            catt[b, :m] = 1
+        feeds = {
+            "pixel_values": rng.standard_normal((batch, 3, size, size)).astype(np.float32),
+            "input_ids": ids, "attention_mask": att, "image_embeds_position_mask": img,
+            "clip_input_ids": cids, "clip_attention_mask": catt,
+        }
+        if cfg["head"] == "lstm":
+            hd = int(cfg["head_dim"])
+            feeds["h"] = (0.1 * rng.standard_normal((batch, hd))).astype(np.float32)
+            feeds["c"] = (0.1 * rng.standard_normal((batch, hd))).astype(np.float32)
+        return feeds
+
+    spec.example_factory = examples
+    return spec
+
+
+def build(cfg: dict[str, Any]) -> tuple[nn.Module, IOSpec]:
+    """Architecture factory: config -> (module in eval mode, IO spec). The `--arch` plug-in contract."""
+    model = Kosmos2ClipPolicy(cfg).eval()
+    return model, io_spec(cfg)
