@@ -1,0 +1,256 @@
+"""AOTInductor packages: the model compiled ahead of time into `model.<device>.<dtype>.pt2`, and its runner.
+
+`torch.export.export(model, kwargs=feeds, dynamic_shapes=spec.torch_dynamic_shapes())` traces the policy with the
+spec's dynamic dims (batch, text lengths); `torch._inductor.aoti_compile_and_package` compiles that program into a
+self-contained package (kernels + weights) that `torch._inductor.aoti_load_package` runs without the model code.
+
+The package takes the spec's inputs as keyword arguments (it was exported from kwargs; positional calls raise "kwarg
+keyword mismatch") in the compile dtype: float inputs are cast to it, as `TorchRunner` does for eager.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla_export.errors import BackendUnavailable, UserError
+from vla_export.io_spec import IOSpec
+from vla_export.manifest import (
+    artifact_files,
+    manifest_path,
+    measured,
+    new_manifest,
+    publish,
+    read_manifest,
+    sha256_files,
+    staging_dir,
+    write_manifest,
+)
+from vla_export.validate.runners import TORCH_DTYPES, Runner, cuda_event_times
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("fp32", "fp16", "bf16")
+EXAMPLE_BATCH = 2  # torch.export specialises dims traced at size 0/1; trace at 2, the Dim says 1..max
+
+
+def package_name(device: str, dtype: str) -> str:
+    return f"model.{device}.{dtype}.pt2"
+
+
+def torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, TORCH_DTYPES[dtype])
+
+
+def check_device(device: str) -> None:
+    """BackendUnavailable (exit 4) for `cuda` on a machine without a CUDA GPU."""
+    import torch
+
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("--device cuda needs a CUDA GPU and a CUDA build of PyTorch, and this machine has "
+                                 "neither; compile with --device cpu here, or run this on the GPU machine")
+
+
+def to_device_feeds(feeds: dict[str, np.ndarray], device: str, dtype) -> dict[str, Any]:
+    """numpy feeds -> torch tensors on `device`, floating ones cast to the compile dtype."""
+    import torch
+
+    out = {}
+    for k, v in feeds.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        out[k] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def outputs_as_dict(out: Any, output_names: list[str]) -> dict[str, Any]:
+    if isinstance(out, dict):
+        return out
+    if not isinstance(out, (tuple, list)):
+        out = (out,)
+    if len(out) != len(output_names):
+        raise UserError(f"the model returned {len(out)} outputs but its IO spec names {len(output_names)} "
+                        f"({output_names}); the package does not match the spec")
+    return dict(zip(output_names, out, strict=True))
+
+
+def compile_settings(device: str, dtype: str, spec: IOSpec) -> dict[str, Any]:
+    """Every option that shapes the package; equal settings + equal checkpoint sha -> the same artifact."""
+    import torch
+
+    return {
+        "device": device,
+        "dtype": dtype,
+        "dynamic_dims": {n: [d.min, d.max] for n, d in spec.dims.items() if d.dynamic},
+        "example_batch": EXAMPLE_BATCH,
+        "inductor_mode": "default",
+        "torch": torch.__version__,
+    }
+
+
+def up_to_date(package: Path, checkpoint_sha: str, settings: dict[str, Any]) -> bool:
+    """The published package was built from this checkpoint with these settings, and is intact."""
+    mpath = manifest_path(package)
+    if not package.exists() or not mpath.exists():
+        return False
+    try:
+        m = read_manifest(package)
+    except UserError:
+        return False
+    return (m.get("source", {}).get("checkpoint_sha256") == checkpoint_sha and m.get("settings") == settings
+            and m.get("files", {}).get(package.name) == package.stat().st_size
+            and m.get("sha256") == sha256_files(artifact_files(package)))
+
+
+def export_program(model, spec: IOSpec, device: str, dtype: str):
+    """`torch.export` of the model in `dtype` on `device`, with the spec's dynamic dims, from keyword inputs."""
+    import torch
+
+    tdtype = torch_dtype(dtype)
+    model = model.to(device=device, dtype=tdtype).eval()
+    feeds = to_device_feeds(spec.example_inputs(batch=EXAMPLE_BATCH, seed=0), device, tdtype)
+    with torch.no_grad():
+        return torch.export.export(model, args=(), kwargs=feeds, dynamic_shapes=spec.torch_dynamic_shapes())
+
+
+def parity_vs_eager(model, package_path: Path, spec: IOSpec, device: str, dtype: str,
+                    batches=(1, 3)) -> dict[str, Any]:
+    """Package vs the eager model at the same dtype, at two batch sizes (neither is the traced one)."""
+    import torch
+
+    from vla_export.validate.metrics import error_metrics
+
+    tdtype = torch_dtype(dtype)
+    loaded = torch._inductor.aoti_load_package(str(package_path))
+    result = {}
+    max_batch = spec.dims["batch"].max if "batch" in spec.dims else 1
+    for b in sorted({min(b, max_batch) for b in batches}):
+        feeds = to_device_feeds(spec.example_inputs(batch=b, seed=100 + b), device, tdtype)
+        with torch.inference_mode():
+            ref = outputs_as_dict(model(**feeds), spec.output_names)
+            got = outputs_as_dict(loaded(**feeds), spec.output_names)
+        result[f"batch{b}"] = {n: error_metrics(ref[n].float().cpu().numpy(), got[n].float().cpu().numpy())
+                               for n in spec.output_names}
+    return result
+
+
+def compile_aoti(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, device: str = "cpu",
+                 dtype: str = "fp32", force: bool = False, console=None) -> tuple[Path, dict[str, Any], bool]:
+    """Compile `checkpoint` into `<out_dir>/model.<device>.<dtype>.pt2` + manifest. Returns (path, manifest, built).
+
+    `built` is False when an up-to-date package (same checkpoint sha256 and settings) was already there."""
+    import torch
+
+    from vla_export.checkpoint import checkpoint_sha256, load_checkpoint, load_spec
+
+    checkpoint = Path(checkpoint)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    spec, _config = load_spec(checkpoint)  # validates the checkpoint before any device check
+    check_device(device)
+    if device == "cpu" and dtype == "fp16":
+        # Inductor's CPU fp16 codegen works but is slow and rarely what anyone deploys; allowed, said once.
+        if console is not None:
+            console.print("note: fp16 on CPU compiles, but CPUs run it slower than fp32 or bf16")
+    out_dir = Path(out_dir)
+    package = out_dir / package_name(device, dtype)
+    settings = compile_settings(device, dtype, spec)
+    ckpt_sha = checkpoint_sha256(checkpoint)
+    if not force and up_to_date(package, ckpt_sha, settings):
+        return package, read_manifest(package), False
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                        console=console, transient=False, disable=console is None)
+    with staging_dir(out_dir) as tmp, progress:
+        staged = tmp / package.name
+        with measured() as timing:
+            step = progress.add_task("load checkpoint", total=None)
+            ckpt = load_checkpoint(checkpoint, device=device)
+            model, spec = ckpt.model, ckpt.spec
+            progress.update(step, description="torch.export (dynamic dims)")
+            t0 = time.perf_counter()
+            program = export_program(model, spec, device, dtype)
+            export_s = time.perf_counter() - t0
+            progress.update(step, description="AOTInductor compile (minutes on the full model)")
+            t1 = time.perf_counter()
+            written = torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
+            compile_s = time.perf_counter() - t1
+            if Path(written) != staged:
+                os.replace(written, staged)
+            progress.update(step, description="parity vs eager")
+            parity = parity_vs_eager(model, staged, spec, device, dtype)
+            progress.update(step, description="done")
+        manifest = new_manifest(
+            "aoti", staged,
+            backend="aoti", precision=dtype, device=device, variant=f"aoti-{device}-{dtype}",
+            io_spec=spec.to_json(),
+            source={"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ckpt_sha, "artifact": None,
+                    "artifact_sha256": None},
+            settings=settings,
+            timing={**timing, "export_s": round(export_s, 3), "compile_s": round(compile_s, 3)},
+            compile_check={"parity_vs_eager_same_dtype": parity},
+        )
+        write_manifest(staged, manifest)
+        final = publish([staged, manifest_path(staged)], out_dir)[0]
+    return final, manifest, True
+
+
+class AotiRunner(Runner):
+    """An AOTInductor `.pt2` package, called with the spec's inputs as keyword arguments."""
+
+    backend = "aoti"
+
+    def __init__(self, path: str | os.PathLike, spec: IOSpec, device: str = "cpu", precision: str = "fp32",
+                 name: str | None = None):
+        path = Path(path)
+        super().__init__(name or path.name, spec, device, precision)
+        self.path = path
+
+    def _activate(self):
+        import torch
+
+        if not self.path.exists():
+            raise UserError(f"AOTInductor package {self.path} does not exist; build it with `vla-export aoti`")
+        check_device(self.device.split(":")[0])
+        self.torch = torch
+        self.dtype = torch_dtype(self.precision)
+        try:
+            self.package = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as e:  # torch raises RuntimeError with a C++ trace for a foreign/corrupt package
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load AOTInductor package {self.path.name} ({first}); packages are tied to the "
+                            "torch version and device they were compiled for: rebuild with `vla-export aoti`") from e
+
+    def _deactivate(self):
+        self.package = None
+
+    def prepare(self, feeds):
+        return to_device_feeds({n: feeds[n] for n in self.spec.input_names}, self.device, self.dtype)
+
+    def run_prepared(self, prepared):
+        with self.torch.inference_mode():
+            return outputs_as_dict(self.package(**prepared), self.spec.output_names)
+
+    def to_numpy(self, outputs):
+        return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+                for k, v in outputs.items()}
+
+    def synchronize(self):
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def time_prepared(self, feeds, warmup, iters):
+        if self.device.startswith("cuda"):
+            prepared = self.prepare(feeds)
+            return cuda_event_times(lambda: self.run_prepared(prepared), warmup, iters)
+        return super().time_prepared(feeds, warmup, iters)
