@@ -110,12 +110,12 @@ def cuda_event_times(run, warmup: int, iters: int) -> list[float]:
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=False):
         s.record()
         run()
         e.record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=False)]
 
 
 # -- PyTorch eager ---------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class TorchRunner(Runner):
             out = self.model(**prepared)
         if not isinstance(out, (tuple, list)):
             out = (out,)
-        return dict(zip(self.spec.output_names, out))
+        return dict(zip(self.spec.output_names, out, strict=False))
 
     def to_numpy(self, outputs):
         return {k: v.detach().float().cpu().numpy() for k, v in outputs.items()}
@@ -213,7 +213,7 @@ class OrtRunner(Runner):
 
     def run_prepared(self, prepared):
         feeds = {k: v for k, v in prepared.items() if k in self.input_names}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=False))
 
     def to_numpy(self, outputs):
         return {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype == np.float16 else np.asarray(v)
