@@ -1,0 +1,233 @@
+"""Quantize stage on the tiny preset: each mode's artifact loads and stays within its budget, sizes count external
+data, the static model is real calibrated QDQ, a failed gate is recorded and exits 3, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from vla_export import manifest as mf
+from vla_export.cli import main
+from vla_export.quantize import gate as gates
+from vla_export.quantize.stage import quantize
+from vla_export.validate.runners import OrtRunner
+
+
+def export_fp32(ckpt_dir: Path, out_dir: Path) -> Path:
+    """The tiny checkpoint as fp32 ONNX with its weights forced into `.onnx.data`, plus an export manifest.
+
+    Exports the way `vla-export export` does (dynamo, opset 18, the spec's dynamic shapes) but skips that stage's
+    own parity gate, which would double this file's run time."""
+    import torch
+
+    from vla_export.checkpoint import checkpoint_sha256, load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_dir)
+    # batch 2: an example at batch 1 lets torch.export specialise the batch dim to 1.
+    feeds = {k: torch.from_numpy(v) for k, v in ckpt.spec.example_inputs(batch=2, seed=0).items()}
+    program = torch.onnx.export(ckpt.model, (), kwargs=feeds, dynamo=True,
+                                dynamic_shapes=ckpt.spec.torch_dynamic_shapes(), input_names=ckpt.spec.input_names,
+                                output_names=ckpt.spec.output_names, opset_version=18, verbose=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.onnx"
+    program.save(str(path), external_data=True)
+    m = mf.new_manifest("export", path, backend="onnxruntime", precision="fp32", variant="onnx-fp32",
+                        io_spec=ckpt.spec.to_json(),
+                        source={"checkpoint": str(Path(ckpt_dir).resolve()),
+                                "checkpoint_sha256": checkpoint_sha256(ckpt_dir), "artifact": None,
+                                "artifact_sha256": None})
+    mf.write_manifest(path, m)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from vla_export.data.episodes import synth_episodes
+    from vla_export.training import TrainSettings, create_checkpoint
+
+    root = tmp_path_factory.mktemp("quantize")
+    episodes = root / "episodes"
+    synth_episodes(episodes, count=5, frames=6, seed=0)
+    # The LSTM head: its graph is the MLP one plus a recurrent cell with state inputs/outputs, so the gate's
+    # rollout and the fp16 repair of outputs read inside the graph (c_out) are exercised too.
+    ckpt = create_checkpoint(root / "ckpt", preset="tiny", overrides={"head": "lstm"}, episodes_dir=episodes,
+                             train=False, settings=TrainSettings(progress=False))
+    src = export_fp32(Path(ckpt), root / "artifacts")
+    source = mf.read_manifest(src)["source"]
+    reference = gates.load_reference(source["checkpoint"], source["checkpoint_sha256"], episodes=str(episodes),
+                                     parity_n=4, task_frames=12)
+    return {"root": root, "episodes": episodes, "ckpt": Path(ckpt), "src": src, "reference": reference}
+
+
+def run_mode(setup, mode, **kw):
+    return quantize(setup["src"], mode, episodes=setup["episodes"], reference=setup["reference"], progress=False,
+                    parity_n=4, task_frames=12, **kw)
+
+
+def check_common(result, setup, precision, variant):
+    m = result.manifest
+    assert result.passed and m["status"] == "passed"
+    assert (m["backend"], m["precision"], m["variant"], m["stage"]) == ("onnxruntime", precision, variant, "quantize")
+    assert m["io_spec"] == mf.read_manifest(setup["src"])["io_spec"]
+    src_files = mf.artifact_files(setup["src"])
+    assert m["source"]["artifact_sha256"] == mf.sha256_files(src_files)
+    assert m["source"]["checkpoint"] == str(setup["ckpt"].resolve())
+    # Honest sizes: the .onnx.data of both the artifact and the fp32 source count.
+    files = mf.artifact_files(result.path)
+    assert any(p.name.endswith(".onnx.data") for p in files)
+    assert m["total_bytes"] == sum(p.stat().st_size for p in files) == m["sizes"]["total_bytes"]
+    assert m["sizes"]["source_total_bytes"] == sum(p.stat().st_size for p in src_files)
+    assert m["sizes"]["ratio_to_fp32"] == pytest.approx(m["total_bytes"] / m["sizes"]["source_total_bytes"], abs=1e-4)
+    assert m["timing"]["wall_s"] > 0 and m["timing"]["peak_rss_bytes"] > 0
+    assert m["metrics"]["task"]["frames"] == len(setup["reference"].task.actions) > 0
+    # The published artifact runs in ORT and reproduces the recorded parity.
+    ref = setup["reference"]
+    with OrtRunner(result.path, ref.spec) as runner:
+        out = runner.infer({k: v[:2] for k, v in ref.parity_feeds.items()})
+    assert np.isfinite(out["actions"]).all()
+    assert not list(result.path.parent.glob(".staging-*"))
+    return m
+
+
+def test_dynamic_int8_within_budget(setup):
+    m = check_common(run_mode(setup, "dynamic", engine="ort"), setup, "int8", "ort-int8-dynamic")
+    assert m["metrics"]["parity"]["worst_output_mae"] <= gates.DEFAULT_TOL_INT8
+    assert m["metrics"]["task"]["mae_increase"] <= gates.DEFAULT_MAX_TASK_MAE_INCREASE
+    assert m["sizes"]["ratio_to_fp32"] < 0.5
+    assert m["settings"]["pre_process"]["used"] and "kept" in m["settings"]["fusion"]
+    ops = {n.op_type for n in onnx.load(str(setup["src"].with_name("model.int8.onnx")), load_external_data=False)
+           .graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+
+
+def test_dynamic_streaming_engine(setup, tmp_path):
+    r = quantize(setup["src"], "dynamic", out_dir=tmp_path, engine="streaming", reference=setup["reference"],
+                 progress=False, parity_n=4)
+    assert r.passed and r.path.parent == tmp_path
+    assert r.manifest["metrics"]["parity"]["mae"] <= gates.DEFAULT_TOL_INT8
+    assert r.manifest["settings"]["engine"] == "streaming" and r.manifest["settings"]["matmul_weights"] > 0
+    model = onnx.load(str(r.path), load_external_data=False)
+    assert "MatMulInteger" in {n.op_type for n in model.graph.node}
+    assert mf.total_bytes(r.path) < mf.total_bytes(setup["src"])
+
+
+def test_fp16_within_budget(setup):
+    m = check_common(run_mode(setup, "fp16"), setup, "fp16", "ort-fp16")
+    assert m["metrics"]["parity"]["worst_output_mae"] <= 1e-3
+    assert set(m["metrics"]["parity"]["outputs"]) == {"actions", "h_out", "c_out"}
+    model = onnx.load(str(setup["src"].with_name("model.fp16.onnx")))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in model.graph.input)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_static_is_calibrated_symmetric_qdq(setup):
+    r = run_mode(setup, "static", calib=setup["episodes"], calib_frames=8)
+    m = check_common(r, setup, "int8", "ort-int8-static")
+    assert m["settings"]["quantize"]["calib_frames"] == 8
+    model = onnx.load(str(r.path))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert not {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} & set(ops)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    scales = np.concatenate([inits[n.input[1]].ravel() for n in q_nodes])
+    zero_points = np.concatenate([inits[n.input[2]].ravel() for n in q_nodes])
+    assert np.isfinite(scales).all() and (scales > 0).all()
+    assert len(np.unique(scales)) > len(q_nodes) // 2  # calibrated, not one default scale
+    assert not np.isclose(scales, 1.0).all()
+    assert (zero_points == 0).all()
+
+
+def test_gate_failure_marks_manifest_failed_and_exits_3(setup, tmp_path):
+    res = CliRunner().invoke(main, ["quantize", str(setup["src"]), "--mode", "dynamic", "--engine", "streaming",
+                                    "-o", str(tmp_path), "--tol-int8", "1e-9", "--parity-n", "2"])
+    assert res.exit_code == 3, res.output
+    assert "failed its accuracy gate" in res.output
+    out = tmp_path / "model.int8.onnx"
+    m = json.loads(mf.manifest_path(out).read_text())
+    assert m["status"] == "failed" and "parity MAE" in m["failure"]
+    assert out.exists() and m["total_bytes"] == mf.total_bytes(out)
+
+
+def _bad(args, out_dir: Path, expect: str):
+    before = set(out_dir.iterdir()) if out_dir.exists() else set()
+    res = CliRunner().invoke(main, ["quantize", *map(str, args)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], res.output
+    after = set(out_dir.iterdir()) if out_dir.exists() else set()
+    assert after == before, f"left behind {after - before}"
+
+
+def test_bad_not_onnx(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"this is not a protobuf \xff\xfe" * 10)
+    _bad([bad, "--mode", "dynamic"], tmp_path, "is not an ONNX model")
+
+
+def test_bad_missing_external_data(setup, tmp_path):
+    for p in (setup["src"], mf.manifest_path(setup["src"])):
+        shutil.copy(p, tmp_path / p.name)
+    _bad([tmp_path / "model.onnx", "--mode", "fp16"], tmp_path, "model.onnx.data, which is missing")
+
+
+def test_bad_already_quantized(setup, tmp_path):
+    r = quantize(setup["src"], "dynamic", out_dir=tmp_path, engine="streaming", reference=setup["reference"],
+                 progress=False, parity_n=2)
+    _bad([r.path, "--mode", "fp16"], tmp_path, "already quantized")
+
+
+def test_bad_calibration_dir_without_frames(setup, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _bad([setup["src"], "--mode", "static", "--calib", empty, "-o", tmp_path / "out"], tmp_path / "out", "--calib")
+
+
+def test_bad_static_without_calib(setup, tmp_path):
+    _bad([setup["src"], "--mode", "static", "-o", tmp_path], tmp_path, "needs calibration frames")
+
+
+def test_bad_calibration_images_unusable(setup, tmp_path):
+    from vla_export.data.episodes import Episode, write_episode
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        write_episode(calib / f"episode_{i:04d}.h5", Episode(f"episode_{i:04d}", np.zeros((4, 4, 4, 3), np.uint8),
+                                                             np.zeros((4, 2), np.float32), "track the cup"))
+    _bad([setup["src"], "--mode", "static", "--calib", calib, "-o", tmp_path / "out"], tmp_path / "out",
+         "too small")
+
+
+def test_bad_calibration_frames_do_not_fit_model(setup, tmp_path):
+    # The exported model takes 112x112 images, the checkpoint's preprocessing makes 224x224 ones.
+    for p in mf.artifact_files(setup["src"]):
+        shutil.copy(p, tmp_path / p.name)
+    m = mf.read_manifest(setup["src"])
+    m["io_spec"]["inputs"][0]["shape"] = ["batch", 3, 112, 112]
+    mf.write_manifest(tmp_path / "model.onnx", m)
+    out = tmp_path / "out"
+    _bad([tmp_path / "model.onnx", "--mode", "static", "--calib", setup["episodes"], "-o", out], out,
+         "do not fit the model")
+
+
+def test_single_file_source_as_the_export_stage_writes_small_models(setup, tmp_path):
+    # Under its 1 GiB threshold the export stage writes one .onnx with the weights inline.
+    src = tmp_path / "model.onnx"
+    onnx.save_model(onnx.load(str(setup["src"])), str(src))
+    m = mf.read_manifest(setup["src"])
+    mf.write_manifest(src, m)
+    assert mf.artifact_files(src) == [src]
+    for engine in ("streaming", "ort"):
+        r = quantize(src, "dynamic", out_dir=tmp_path / engine, engine=engine, reference=setup["reference"],
+                     progress=False, parity_n=4, fusion="off")
+        assert r.passed
+        assert r.manifest["sizes"]["source_total_bytes"] == src.stat().st_size
+        assert r.manifest["total_bytes"] == mf.total_bytes(r.path) < 0.75 * src.stat().st_size

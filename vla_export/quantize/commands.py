@@ -1,0 +1,69 @@
+"""`vla-export quantize`: INT8 (dynamic or static QDQ) and FP16 ONNX from the fp32 export, each gated."""
+
+from __future__ import annotations
+
+import click
+
+from vla_export.quantize import gate as gates
+from vla_export.quantize.ort_quant import CALIB_METHODS
+from vla_export.quantize.stage import DEFAULT_CALIB_FRAMES, ENGINES, MODES, quantize
+
+
+@click.command("quantize")
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--mode", type=click.Choice(list(MODES)), required=True,
+              help="dynamic: INT8 weights, activations quantized at run time (ORT CPU). static: QDQ INT8 calibrated "
+                   "on frames (TensorRT INT8 input). fp16: FP16 weights and compute, FP32 inputs/outputs.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default: beside MODEL.onnx).")
+@click.option("--episodes", type=click.Path(file_okay=False), default=None,
+              help="Episodes directory: gate on the task action MAE of its validation split too.")
+@click.option("--calib", type=click.Path(file_okay=False), default=None,
+              help="Episodes directory whose training-split frames calibrate --mode static.")
+@click.option("--calib-frames", type=int, default=DEFAULT_CALIB_FRAMES, show_default=True,
+              help="Calibration frames (static).")
+@click.option("--calib-method", type=click.Choice(list(CALIB_METHODS)), default="minmax", show_default=True,
+              help="Activation range estimator (static).")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True,
+              help="INT8 weight scales per output channel or one per tensor.")
+@click.option("--fusion", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="dynamic: try ORT transformer fusion and keep the faster graph at equal accuracy (auto).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="auto", show_default=True,
+              help="dynamic: ort = onnxruntime quantize_dynamic; streaming = weights quantized one tensor at a time "
+                   "from the external data (low memory); auto = streaming above 2 GiB of fp32.")
+@click.option("--keep-fp32-ops", default="", help="fp16: extra op types kept in fp32, comma separated "
+                                                   "(e.g. LayerNormalization,Softmax).")
+@click.option("--tol-fp16", type=float, default=gates.DEFAULT_TOL_FP16, show_default=True,
+              help="Budget: FP16 parity MAE vs PyTorch fp32.")
+@click.option("--tol-int8", type=float, default=gates.DEFAULT_TOL_INT8, show_default=True,
+              help="Budget: INT8 parity MAE vs PyTorch fp32.")
+@click.option("--max-task-mae-increase", type=float, default=gates.DEFAULT_MAX_TASK_MAE_INCREASE,
+              show_default=True, help="Budget: rise of the validation action MAE vs ground truth (with --episodes).")
+@click.option("--parity-n", type=int, default=gates.DEFAULT_PARITY_N, show_default=True,
+              help="Example inputs for the parity check.")
+@click.option("--task-frames", type=int, default=gates.DEFAULT_TASK_FRAMES, show_default=True,
+              help="Validation frames for the task check (with --episodes).")
+def quantize_cmd(onnx_path, mode, out_dir, episodes, calib, calib_frames, calib_method, per_channel, fusion, engine,
+                 keep_fp32_ops, tol_fp16, tol_int8, max_task_mae_increase, parity_n, task_frames):
+    """Quantize an fp32 ONNX export to INT8 (dynamic or static QDQ) or FP16, and gate it against PyTorch fp32.
+
+    Writes MODEL.int8.onnx / MODEL.int8-static.onnx / MODEL.fp16.onnx (plus .onnx.data) and a manifest
+    beside each. The artifact is compared with the fp32 PyTorch checkpoint the export came from (parity MAE on
+    example inputs; with --episodes, the action MAE against ground truth on validation frames). Missing a budget
+    exits 3 and leaves the artifact marked "failed" in its manifest.
+
+    \b
+    Example:
+      vla-export quantize artifacts/model.onnx --mode dynamic --episodes data/episodes
+      vla-export quantize artifacts/model.onnx --mode static --calib data/episodes --calib-method percentile
+      vla-export quantize artifacts/model.onnx --mode fp16 --tol-fp16 2e-3
+    """
+    quantize(onnx_path, mode, out_dir=out_dir, episodes=episodes, calib=calib, calib_frames=calib_frames,
+             calib_method=calib_method, per_channel=per_channel, fusion=fusion, engine=engine,
+             keep_fp32_ops=tuple(x.strip() for x in keep_fp32_ops.split(",") if x.strip()),
+             budgets=gates.Budgets(tol_fp16=tol_fp16, tol_int8=tol_int8,
+                                   max_task_mae_increase=max_task_mae_increase),
+             parity_n=parity_n, task_frames=task_frames)
+
+
+COMMANDS = [quantize_cmd]
