@@ -32,10 +32,10 @@ import torch
 # Runnable from a bare checkout (the GPU machine may not have the package installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vla_export.engines.aoti import AotiRunner, export_program, to_device_feeds, torch_dtype
+from vla_export.engines.aoti import AotiRunner, export_program, torch_dtype
 from vla_export.models.kosmos2_clip import Kosmos2ClipPolicy, io_spec, resolve_config
 from vla_export.validate.metrics import error_metrics, latency_stats
-from vla_export.validate.runners import TorchRunner, cuda_event_times
+from vla_export.validate.runners import TorchRunner, cuda_event_times, to_device_feeds
 
 
 def log(msg: str) -> None:

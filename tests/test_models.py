@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from vla_export.errors import UserError
 from vla_export.io_spec import IOSpec
 from vla_export.models import build_model, get_architecture, kosmos2_clip
-from vla_export.errors import UserError
 
 ARCH = kosmos2_clip.ARCH_NAME
 
@@ -59,7 +59,7 @@ def test_forward_matches_io_spec(tiny, batch):
     out = out if isinstance(out, tuple) else (out,)
     assert [o.name for o in spec.outputs] == spec.output_names
     assert len(out) == len(spec.outputs)
-    for t, o in zip(spec.outputs, out):
+    for t, o in zip(spec.outputs, out, strict=True):
         assert tuple(o.shape) == spec.concrete_shape(t.name, batch=batch)
         assert str(o.dtype) == f"torch.{t.dtype}"
 

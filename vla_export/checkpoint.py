@@ -130,7 +130,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e}")
+        raise UserError(f"{cfg_path} is not valid JSON: {e}") from e
     if config.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{cfg_path} is not a vla-export checkpoint config (format={config.get('format')!r})")
     return config
@@ -150,7 +150,7 @@ def _legacy_state_dict(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor]
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist; check the path")
+        raise UserError(f"checkpoint {path} does not exist; check the path") from None
     except Exception as e:  # torch raises UnpicklingError/RuntimeError with multi-line text
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -190,12 +190,11 @@ def apply_renames(state: dict[str, torch.Tensor], rename: dict[str, str] | None)
     return out
 
 
-def check_and_load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Strict load with one-line errors: missing/unexpected keys, shape mismatches, NaN/Inf."""
-    own = model.state_dict()
+def check_state_layout(own: dict[str, torch.Tensor], given: dict[str, tuple[int, ...]], source: Path) -> None:
+    """One-line errors for missing/unexpected keys (count and first names) and the first shape mismatch."""
     # Non-persistent or derived buffers transformers recreates (e.g. position_ids) may be absent from old files.
-    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in given and not k.endswith("position_ids")]
+    unexpected = [k for k in given if k not in own]
     if missing or unexpected:
         parts = []
         if missing:
@@ -204,10 +203,15 @@ def check_and_load_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
             parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
         raise UserError(f"{source}: state dict does not match the architecture: {'; '.join(parts)}; "
                         "check --preset/--arch or map names with --rename OLD=NEW")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"{source}: tensor {k} has shape {tuple(v.shape)} but the architecture expects "
+    for k, shape in given.items():
+        if shape != tuple(own[k].shape):
+            raise UserError(f"{source}: tensor {k} has shape {shape} but the architecture expects "
                             f"{tuple(own[k].shape)}; check --preset/overrides")
+
+
+def check_and_load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Strict load with one-line errors: missing/unexpected keys, shape mismatches, NaN/Inf."""
+    check_state_layout(model.state_dict(), {k: tuple(v.shape) for k, v in state.items()}, source)
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UserError(f"{source}: tensor {k} contains NaN or Inf; the checkpoint is corrupt or training diverged")
@@ -286,21 +290,7 @@ def load_safetensors_into(model: nn.Module, weights: Path, header: dict[str, Any
     base = header["__data_start__"]
     names = {new: old for new, old in apply_renames({k: k for k in header if k != "__data_start__"}, rename).items()}
     own = model.state_dict()
-    missing = [k for k in own if k not in names and not k.endswith("position_ids")]
-    unexpected = [k for k in names if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
-        raise UserError(f"{source}: state dict does not match the architecture: {'; '.join(parts)}; "
-                        "check --preset/--arch or map names with --rename OLD=NEW")
-    for k, old in names.items():
-        shape = tuple(header[old]["shape"])
-        if shape != tuple(own[k].shape):
-            raise UserError(f"{source}: tensor {k} has shape {shape} but the architecture expects "
-                            f"{tuple(own[k].shape)}; check --preset/overrides")
+    check_state_layout(own, {k: tuple(header[old]["shape"]) for k, old in names.items()}, source)
     with open(weights, "rb") as f:
         for k, old in names.items():
             entry, dst = header[old], own[k]

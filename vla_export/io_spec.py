@@ -8,8 +8,9 @@ dims; validation and profiling read the example-input factory. An artifact's man
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +153,7 @@ class IOSpec:
             if len(arr.shape) != len(t.shape):
                 problems.append(f"{t.name}: shape {tuple(arr.shape)}, spec says {t.shape}")
                 continue
-            for got, want in zip(arr.shape, t.shape):
+            for got, want in zip(arr.shape, t.shape, strict=True):
                 if isinstance(want, int) and got != want:
                     problems.append(f"{t.name}: shape {tuple(arr.shape)}, spec says {t.shape}")
                     break

@@ -18,8 +18,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from vla_export.errors import UserError
 
@@ -196,7 +197,7 @@ def check_writable_dir(out_dir: str | os.PathLike) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create output directory {out_dir}: {e.strerror}; choose a writable -o/--output")
+        raise UserError(f"cannot create output directory {out_dir}: {e.strerror}; choose a writable -o/--output") from e
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UserError(f"output directory {out_dir} is not writable; choose a writable -o/--output")
     return out_dir
@@ -281,7 +282,7 @@ def read_manifest(artifact: str | os.PathLike) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"manifest {path} is not valid JSON ({e}); rebuild the artifact")
+        raise UserError(f"manifest {path} is not valid JSON ({e}); rebuild the artifact") from e
 
 
 def _json_default(obj: Any):

@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vla_export.errors import BackendUnavailable, UserError
 from vla_export.io_spec import IOSpec
 from vla_export.manifest import (
@@ -30,7 +28,12 @@ from vla_export.manifest import (
     staging_dir,
     write_manifest,
 )
-from vla_export.validate.runners import TORCH_DTYPES, Runner, cuda_event_times
+from vla_export.validate.runners import (
+    TORCH_DTYPES,
+    TorchCallableRunner,
+    outputs_as_dict,
+    to_device_feeds,
+)
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -60,26 +63,6 @@ def check_device(device: str) -> None:
                                  "neither; compile with --device cpu here, or run this on the GPU machine")
 
 
-def to_device_feeds(feeds: dict[str, np.ndarray], device: str, dtype) -> dict[str, Any]:
-    """numpy feeds -> torch tensors on `device`, floating ones cast to the compile dtype."""
-    import torch
-
-    out = {}
-    for k, v in feeds.items():
-        t = torch.from_numpy(np.ascontiguousarray(v)).to(device)
-        out[k] = t.to(dtype) if t.is_floating_point() else t
-    return out
-
-
-def outputs_as_dict(out: Any, output_names: list[str]) -> dict[str, Any]:
-    if isinstance(out, dict):
-        return out
-    if not isinstance(out, (tuple, list)):
-        out = (out,)
-    if len(out) != len(output_names):
-        raise UserError(f"the model returned {len(out)} outputs but its IO spec names {len(output_names)} "
-                        f"({output_names}); the package does not match the spec")
-    return dict(zip(output_names, out, strict=True))
 
 
 def compile_settings(device: str, dtype: str, spec: IOSpec) -> dict[str, Any]:
@@ -205,7 +188,7 @@ def compile_aoti(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, devi
     return final, manifest, True
 
 
-class AotiRunner(Runner):
+class AotiRunner(TorchCallableRunner):
     """An AOTInductor `.pt2` package, called with the spec's inputs as keyword arguments."""
 
     backend = "aoti"
@@ -222,10 +205,9 @@ class AotiRunner(Runner):
         if not self.path.exists():
             raise UserError(f"AOTInductor package {self.path} does not exist; build it with `vla-export aoti`")
         check_device(self.device.split(":")[0])
-        self.torch = torch
-        self.dtype = torch_dtype(self.precision)
+        self._activate_torch()
         try:
-            self.package = torch._inductor.aoti_load_package(str(self.path))
+            self.package = self.fn = torch._inductor.aoti_load_package(str(self.path))
         except Exception as e:  # torch raises RuntimeError with a C++ trace for a foreign/corrupt package
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load AOTInductor package {self.path.name} ({first}); packages are tied to the "
@@ -234,23 +216,3 @@ class AotiRunner(Runner):
     def _deactivate(self):
         self.package = None
 
-    def prepare(self, feeds):
-        return to_device_feeds({n: feeds[n] for n in self.spec.input_names}, self.device, self.dtype)
-
-    def run_prepared(self, prepared):
-        with self.torch.inference_mode():
-            return outputs_as_dict(self.package(**prepared), self.spec.output_names)
-
-    def to_numpy(self, outputs):
-        return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
-                for k, v in outputs.items()}
-
-    def synchronize(self):
-        if self.device.startswith("cuda"):
-            self.torch.cuda.synchronize()
-
-    def time_prepared(self, feeds, warmup, iters):
-        if self.device.startswith("cuda"):
-            prepared = self.prepare(feeds)
-            return cuda_event_times(lambda: self.run_prepared(prepared), warmup, iters)
-        return super().time_prepared(feeds, warmup, iters)

@@ -7,8 +7,9 @@ Built in: `kosmos2-clip-hybrid`. A user architecture plugs in as `--arch package
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 

@@ -110,51 +110,62 @@ def cuda_event_times(run, warmup: int, iters: int) -> list[float]:
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends, strict=False):
+    for s, e in zip(starts, ends, strict=True):
         s.record()
         run()
         e.record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=False)]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
-# -- PyTorch eager ---------------------------------------------------------------------------------------------------
+# -- PyTorch (eager and AOTInductor) -------------------------------------------------------------------------------
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-class TorchRunner(Runner):
-    """Eager PyTorch: the reference (fp32 on CPU) and the eager baseline in benchmarks."""
+def to_device_feeds(feeds: dict[str, np.ndarray], device: str, dtype) -> dict[str, Any]:
+    """numpy feeds -> torch tensors on `device`, floating ones cast to the model's dtype."""
+    import torch
 
-    backend = "torch"
+    out = {}
+    for k, v in feeds.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        out[k] = t.to(dtype) if t.is_floating_point() else t
+    return out
 
-    def __init__(self, model, spec: IOSpec, name: str = "torch-eager", device: str = "cpu", precision: str = "fp32"):
-        super().__init__(name, spec, device, precision)
-        self.model = model
 
-    def _activate(self):
+def outputs_as_dict(out: Any, output_names: list[str]) -> dict[str, Any]:
+    """A module's tensor / tuple / dict result keyed by the IO spec's output names."""
+    if isinstance(out, dict):
+        return out
+    if not isinstance(out, (tuple, list)):
+        out = (out,)
+    if len(out) != len(output_names):
+        raise UserError(f"the model returned {len(out)} outputs but its IO spec names {len(output_names)} "
+                        f"({output_names}); the artifact does not match the spec")
+    return dict(zip(output_names, out, strict=True))
+
+
+class TorchCallableRunner(Runner):
+    """Something called with torch tensors as keyword inputs: eager modules and AOTInductor packages.
+
+    Subclasses set `self.fn` in `_activate`. CUDA rows are timed with CUDA events, CPU rows synchronously."""
+
+    def _activate_torch(self):
         import torch
 
         self.torch = torch
         self.dtype = getattr(torch, TORCH_DTYPES[self.precision])
-        self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
 
     def prepare(self, feeds):
-        torch = self.torch
-        out = {}
-        for k, v in feeds.items():
-            t = torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
-            out[k] = t.to(self.dtype) if t.is_floating_point() else t
-        return out
+        return to_device_feeds({n: feeds[n] for n in self.spec.input_names if n in feeds}, self.device, self.dtype)
 
     def run_prepared(self, prepared):
         with self.torch.inference_mode():
-            out = self.model(**prepared)
-        if not isinstance(out, (tuple, list)):
-            out = (out,)
-        return dict(zip(self.spec.output_names, out, strict=False))
+            return outputs_as_dict(self.fn(**prepared), self.spec.output_names)
 
     def to_numpy(self, outputs):
-        return {k: v.detach().float().cpu().numpy() for k, v in outputs.items()}
+        return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+                for k, v in outputs.items()}
 
     def synchronize(self):
         if self.device.startswith("cuda"):
@@ -165,6 +176,21 @@ class TorchRunner(Runner):
             prepared = self.prepare(feeds)
             return cuda_event_times(lambda: self.run_prepared(prepared), warmup, iters)
         return super().time_prepared(feeds, warmup, iters)
+
+
+class TorchRunner(TorchCallableRunner):
+    """Eager PyTorch: the reference (fp32 on CPU) and the eager baseline in benchmarks."""
+
+    backend = "torch"
+
+    def __init__(self, model, spec: IOSpec, name: str = "torch-eager", device: str = "cpu", precision: str = "fp32"):
+        super().__init__(name, spec, device, precision)
+        self.model = model
+
+    def _activate(self):
+        self._activate_torch()
+        self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.fn = self.model
 
 
 # -- ONNX Runtime ------------------------------------------------------------------------------------------------------
@@ -213,7 +239,7 @@ class OrtRunner(Runner):
 
     def run_prepared(self, prepared):
         feeds = {k: v for k, v in prepared.items() if k in self.input_names}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=False))
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
     def to_numpy(self, outputs):
         return {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype == np.float16 else np.asarray(v)
