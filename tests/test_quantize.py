@@ -143,6 +143,14 @@ def test_static_is_calibrated_symmetric_qdq(setup):
     assert len(np.unique(scales)) > len(q_nodes) // 2  # calibrated, not one default scale
     assert not np.isclose(scales, 1.0).all()
     assert (zero_points == 0).all()
+    # Weight MatMuls are INT8; activation x activation MatMuls (attention) stay float (see activation_matmuls).
+    produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    weight_mm = [n for n in matmuls if produced_by.get(n.input[1]) == "DequantizeLinear" and n.input[1] not in inits]
+    attention_mm = [n for n in matmuls if produced_by.get(n.input[1]) not in ("DequantizeLinear", None)]
+    assert weight_mm and attention_mm
+    assert all(produced_by.get(n.input[0]) != "DequantizeLinear" for n in attention_mm)
+    assert m["settings"]["quantize"]["excluded_activation_matmuls"] == len(attention_mm)
 
 
 def test_gate_failure_marks_manifest_failed_and_exits_3(setup, tmp_path):
