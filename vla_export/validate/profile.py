@@ -318,7 +318,7 @@ def profile_table(result: dict[str, Any], batch: str | None = None):
 
 
 def _mb(v):
-    return None if v is None else v / 2**20
+    return None if v is None else v / 1e6  # MB (10^6), as in report.md
 
 
 def _f(v, spec: str = ".3f", suffix: str = "") -> str:
