@@ -143,10 +143,11 @@ def _parse_renames(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--clip-pretrained", type=click.Path(), default=None, help="Local HF CLIP directory (offline).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights, batches and the split.")
 @click.option("--time-budget", default=None, type=float,
-              help="Training wall-time budget in seconds (default 120; ignored with --epochs).")
-@click.option("--epochs", default=None, type=int, help="Train a fixed number of epochs instead of a time budget.")
+              help="Wall-time cap for training in seconds (default 165, for slow or loaded machines; ignored with "
+              "--epochs). The run length itself is a fixed number of epochs, so a seed gives the same result anywhere.")
+@click.option("--epochs", default=None, type=int, help="Epochs to train (default 9); given explicitly, no time cap applies.")
 @click.option("--lr", default=None, type=float, help="Peak learning rate (default from the training recipe).")
-@click.option("--batch-size", default=None, type=int, help="Frames per step (default 32).")
+@click.option("--batch-size", default=None, type=int, help="Frames per step (default 16).")
 @click.option("--val-fraction", default=0.2, show_default=True, type=float,
               help="Fraction of episodes held out for validation (split by episode).")
 @click.option("--max-episodes", default=None, type=int, help="Use only the first N episodes (quick runs).")
