@@ -132,7 +132,8 @@ def main() -> int:
                   f"(ratio {rss_ratio:.2f}; kernel ru_maxrss of the largest child {children_maxrss / 2**30:.2f} GiB)",
                   soft_wrap=True)
     console.print(f"parity: max MAE {manifest['metrics']['parity']['max_mae']:.3g} "
-                  f"(exporter {manifest['settings']['exporter_used']})")
+                  f"(exporter {manifest['settings']['exporter_used']}); torch/ORT intra-op threads "
+                  f"{timing.get('threads')} of {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     if args.preset != "full":
         console.print(f"note: fixed costs (torch, transformers and ORT runtimes: ~0.4 GiB) dwarf the "
                       f"{weight_bytes / 2**20:.0f} MiB of {args.preset} weights; the RSS ratio is meant for full",
@@ -141,6 +142,7 @@ def main() -> int:
               "fp32_weight_bytes": weight_bytes, "build": built["build"], "save_checkpoint": built["save_checkpoint"],
               "export_wall_s": round(export_wall, 3), "export_phases": timing["phases"],
               "export_peak_rss_bytes": timing["peak_rss_bytes"], "children_ru_maxrss_bytes": children_maxrss,
+              "threads": timing.get("threads"), "load_average_1min": os.getloadavg()[0],
               "files": manifest["files"], "total_bytes": manifest["total_bytes"],
               "goals": {"wall_s_lt_300": wall_ok, "rss_ratio": round(rss_ratio, 3), "rss_ratio_le_1_5": rss_ok},
               "parity_max_mae": manifest["metrics"]["parity"]["max_mae"], "machine": manifest["machine"]}

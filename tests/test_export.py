@@ -22,7 +22,7 @@ from vla_export.export import onnx_export
 from vla_export.export.onnx_export import ExportOptions, export_checkpoint
 from vla_export.models import build_model
 from vla_export.validate.metrics import error_metrics
-from vla_export.validate.runners import TorchRunner, open_runner
+from vla_export.validate.runners import OrtRunner, TorchRunner, open_runner
 
 ARCH = "kosmos2-clip-hybrid"
 # Few inputs keep the session fast on 2 shared cores; the batch sizes and the rollout are the defaults' kind.
@@ -326,3 +326,79 @@ def test_streaming_checkpoint_load_keeps_checks_and_converts_dtypes(tmp_path, sm
     (ckpt / "model.safetensors").write_bytes(raw[:-8])
     with pytest.raises(UserError, match="not a readable safetensors"):
         load_checkpoint(ckpt)
+
+
+# -- reference sharing, weight release, threads ---------------------------------------------------------------------
+def test_shared_reference_matches_each_batch_size_own_forwards(episodes_checkpoint):
+    """The smaller batches' cases (and rollouts) take their reference from the rows of the largest batch's eager
+    outputs: the rows must be the right ones, and eager batch 1 vs batch 4 must agree far below the 1e-5 gate."""
+    ckpt, episodes = episodes_checkpoint
+    loaded = load_checkpoint(ckpt)
+    opts = ExportOptions(n_inputs=5, batch_sizes=(1, 3, 4), rollout_steps=3)  # 5 rows: the batch-3/4 calls wrap
+    feeds, _ = onnx_export.parity_inputs(loaded.spec, ckpt, opts)
+    cases = onnx_export.parity_cases(loaded.spec, feeds, opts)
+    shared = [c for c in cases if c.reference is not None]
+    assert {c.name for c in shared} == {"batch 1", "batch 3", "rollout batch 1 x 3 steps", "rollout batch 3 x 3 steps"}
+    with TorchRunner(loaded.model, loaded.spec) as runner:
+        refs = onnx_export.reference_outputs(runner.infer, loaded.spec, cases)
+        for case, ref in zip(cases, refs, strict=True):
+            own = onnx_export.run_case(runner.infer, loaded.spec, case)
+            assert set(own) == set(ref)
+            for name in own:
+                assert own[name].shape == ref[name].shape, (case.name, name)
+                assert np.abs(own[name] - ref[name]).max() < 1e-6, (case.name, name)
+
+
+def test_release_weights_frees_the_torch_weights_the_export_graph_still_holds(tmp_path, episodes_checkpoint):
+    """After `del model` and `del exported` the weights stay alive (onnxscript's rewrite rules keep the last graph
+    they matched, which wraps the parameters): ONNX Runtime's load came on top of them, 2x the weights in all."""
+    import gc
+
+    ckpt, _ = episodes_checkpoint
+    loaded = load_checkpoint(ckpt)
+    model, spec = loaded.model, loaded.spec
+    weights = onnx_export.weight_tensors(model)
+    pointers = {t.untyped_storage().data_ptr() for t in weights}
+    nbytes = sum(t.untyped_storage().nbytes() for t in weights)
+    exported = onnx_export.export_model(model, spec, ExportOptions(), ARCH, tmp_path)
+    del model, loaded
+    onnx_export.optimize_onnx(exported.ir_model)
+    onnx_export.save_onnx(exported.ir_model, tmp_path / "model.onnx", external=True)
+    assert onnx_export.release_weights(exported.ir_model, weights) == nbytes
+    assert all(v.const_value is None for v in exported.ir_model.graph.initializers.values())
+    del exported, weights
+    gc.collect()
+    assert [shape for shape, ptr in _live_real_tensors() if ptr in pointers] == []
+    # the saved file still holds them
+    feeds = spec.example_inputs(batch=2, seed=0)
+    with OrtRunner(tmp_path / "model.onnx", spec, threads=1) as ort_runner:
+        out = ort_runner.infer(feeds)
+    ref = TorchRunner(load_checkpoint(ckpt).model, spec).activate().infer(feeds)
+    assert error_metrics(ref["actions"], out["actions"])["mae"] < 1e-5
+
+
+def _live_real_tensors() -> list[tuple[tuple, int]]:
+    """(shape, storage pointer) of the tensors the garbage collector sees that own memory (the exporter leaves
+    FakeTensors about too)."""
+    import gc
+
+    out = []
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and not o.is_meta:
+            with contextlib.suppress(RuntimeError):  # FakeTensor / FunctionalTensor: no data pointer
+                storage = o.untyped_storage()
+                if storage.nbytes():
+                    out.append((tuple(o.shape), storage.data_ptr()))
+    return out
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # this process alone
+    assert onnx_export.auto_threads() == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 1.0, 1.0))  # every core taken by other jobs
+    assert onnx_export.auto_threads() == 1
+    before = torch.get_num_threads()
+    with onnx_export.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -68,9 +68,11 @@ def parse_batches(text: str) -> tuple[int, ...]:
 @click.option("--arch", default=None, help="legacy .pth: architecture name or package.module:factory")
 @click.option("--preset", default=None, help="legacy .pth: preset (tiny|small|full)")
 @click.option("--rename", multiple=True, help="OLD=NEW state-dict key prefix rename, e.g. module.= (repeatable)")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch and ONNX Runtime intra-op threads  [default: the cores other jobs leave idle]")
 @click.option("-q", "--quiet", is_flag=True, help="print only errors")
 def export_cmd(checkpoint, out_dir, episodes, n_inputs, batch_sizes, rollout_steps, tol, opset, exporter,
-               external_data_threshold, seed, force, trust_checkpoint, arch, preset, rename, quiet):
+               external_data_threshold, seed, force, trust_checkpoint, arch, preset, rename, threads, quiet):
     """Export a checkpoint to ONNX (fp32), check it and gate it on parity with PyTorch.
 
     Writes OUT/model.onnx (+ model.onnx.data above the external-data threshold) and OUT/model.onnx.json.
@@ -87,7 +89,7 @@ def export_cmd(checkpoint, out_dir, episodes, n_inputs, batch_sizes, rollout_ste
         opset=opset, exporter=exporter, external_data_threshold=parse_size(external_data_threshold), tol=tol,
         n_inputs=n_inputs, batch_sizes=parse_batches(batch_sizes), rollout_steps=rollout_steps, seed=seed,
         episodes=episodes, arch=arch, preset=preset, rename=parse_renames(rename), trust_checkpoint=trust_checkpoint,
-        force=force, quiet=quiet)
+        force=force, quiet=quiet, threads=threads)
     export_checkpoint(checkpoint, out_dir, opts)
 
 
