@@ -101,7 +101,8 @@ def _spin(executor):
 class Harness:
     """The node under test (its own context) and a test node (another context) on one fresh ROS domain."""
 
-    def __init__(self, bundle: Path, latched_instruction: str | None = INSTRUCTION, **params):
+    def __init__(self, bundle: Path, latched_instruction: str | None = INSTRUCTION, twist_reliable: bool = True,
+                 **params):
         from vla_export.deploy.ros2_node import PolicyNode, parameter_overrides
 
         self.domain = _domain_id()
@@ -115,7 +116,12 @@ class Harness:
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.instruction_pub = self.test_node.create_publisher(String, "instruction", latched)
-        self.test_node.create_subscription(Twist, "cmd_vel", self._on_twist, QoSProfile(depth=100))
+        # Reliable by default (no action may be missed). Timing tests listen best effort: a reliable reader holds
+        # every later sample back until a lost one is repaired, which Fast DDS does on its heartbeat (seconds),
+        # and that is DDS repair latency, not the node's reaction time (seen: one zero held back 2.3 s).
+        twist_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE if twist_reliable
+                               else ReliabilityPolicy.BEST_EFFORT)
+        self.test_node.create_subscription(Twist, "cmd_vel", self._on_twist, twist_qos)
         if latched_instruction is not None:
             self.instruction_pub.publish(String(data=latched_instruction))
         self.test_exec = SingleThreadedExecutor(context=self.ctx)
@@ -214,22 +220,26 @@ def test_twist_equals_policy_act_for_every_frame(bundle, frames, harness_factory
 @pytest.mark.parametrize("rate_hz", [0.0, 20.0])
 def test_zero_twist_when_images_stop_then_resume(bundle, frames, harness_factory, rate_hz):
     max_age_ms = 400.0
-    h = harness_factory(max_image_age_ms=max_age_ms, rate_hz=rate_hz)
+    h = harness_factory(max_image_age_ms=max_age_ms, rate_hz=rate_hz, twist_reliable=False)
     wait_for(lambda: h.node.instruction == INSTRUCTION, "the latched instruction")
     period_s = max(h.node.watchdog_period_s, 1.0 / rate_hz if rate_hz else 0.0)
-    for rgb in frames[:3]:
+    for i, rgb in enumerate(frames[:3], start=1):
         mark = h.mark()
-        sent = time.monotonic()
         h.image_pub.publish(image_msg(rgb))
+        wait_for(lambda i=i: h.node._newest_seq >= i, "the node receiving the frame")
         h.next_action(mark)
+    # Age counts from the node's receipt of its newest image (the node cannot know of a frame still in DDS; seen
+    # here: a frame delivered 4.4 s after publish, so the publish time is not the node's reference).
+    received_at = h.node._newest_at
+    stale_warnings = h.node.warnings["stale"]  # a frame held up in DDS may already have made one stale episode
     mark = h.mark()
     zero_at = h.next_zero(mark)  # no more images: the watchdog stops the robot
-    delay = zero_at - sent
+    delay = zero_at - received_at
     # not before the image is too old, and within max age + one period (+ scheduling slack on a loaded machine)
     assert max_age_ms / 1e3 - 0.02 <= delay <= max_age_ms / 1e3 + period_s + 0.3, delay
     if rate_hz:  # while the image was fresh the last action was repeated at rate_hz
         assert sum(np.any(v != 0) for _, v in h.since(0)) > 3
-    assert h.node.warnings["stale"] == 1
+    assert h.node.warnings["stale"] == stale_warnings + 1  # logged once for this stop, not once per zero
     # good input again: actions resume
     mark = h.mark()
     h.image_pub.publish(image_msg(frames[3]))
