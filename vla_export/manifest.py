@@ -141,6 +141,19 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def run_header(command: str | None) -> dict[str, Any]:
+    """The head of a run report (validation.json, profile.json): id, time, command, machine, versions."""
+    import uuid
+
+    return {
+        "run_id": uuid.uuid4().hex[:12],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine_info(),
+        "versions": tool_versions(),
+    }
+
+
 # -- peak memory -------------------------------------------------------------------------------------------------
 class PeakRSS:
     """Samples this process's RSS (and its children's) in a thread; `.peak_bytes` after the block.

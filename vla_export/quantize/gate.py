@@ -91,10 +91,8 @@ def episode_index(episode_per_frame) -> list[np.ndarray]:
 def load_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.PathLike, split: str,
                 max_frames: int | None, what: str):
     """Preprocessed frames of `episodes_dir` (TaskData), with one-line errors for data the model cannot take."""
-    try:
-        from vla_export.data.task import load_task_data
-    except ImportError as e:
-        raise UserError(f"{what} needs vla_export.data.task, which is missing from this install ({e})") from e
+    from vla_export.data.task import load_task_data
+
     episodes_dir = Path(episodes_dir)
     if not episodes_dir.is_dir():
         raise UserError(f"{what} directory {episodes_dir} does not exist; pass a directory of episode .h5 files")
@@ -115,10 +113,8 @@ def load_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.PathLi
 def load_calibration(checkpoint_dir: str | os.PathLike, calib_dir: str | os.PathLike, n: int,
                      seed: int = 0) -> dict[str, np.ndarray]:
     """`n` preprocessed frames spread over the TRAIN split of `calib_dir` (never validation), stacked."""
-    try:
-        from vla_export.data.task import calibration_frames
-    except ImportError as e:
-        raise UserError(f"--calib needs vla_export.data.task, which is missing from this install ({e})") from e
+    from vla_export.data.task import calibration_frames
+
     calib_dir = Path(calib_dir)
     if not calib_dir.is_dir():
         raise UserError(f"--calib directory {calib_dir} does not exist; pass a directory of episode .h5 files")

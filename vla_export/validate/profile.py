@@ -17,14 +17,12 @@ device (`speedup_vs_eager` at each batch size).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -277,11 +275,7 @@ def profile(paths: list[str | os.PathLike], *, warmup: int = DEFAULT_WARMUP, ite
             bar.advance(task)
     add_speedups(rows)
     result = {
-        "run_id": uuid.uuid4().hex[:12],
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": mf.machine_info(),
-        "versions": mf.tool_versions(),
+        **mf.run_header(command),
         "settings": {"warmup": warmup, "iters": iters, "batches": list(batches), "threads": threads,
                      "isolate": isolate, "timing": "CUDA events on GPU, perf_counter around synchronous calls on CPU"},
         "rows": rows,

@@ -17,10 +17,8 @@ A backend this machine cannot run (`BackendUnavailable`) is "skipped", which doe
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,11 +540,7 @@ def validate(paths: list[str | os.PathLike], *, tolerances: dict[str, Any] | Non
 
     results.sort(key=lambda r: r["id"])
     report = {
-        "run_id": uuid.uuid4().hex[:12],
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": mf.machine_info(),
-        "versions": mf.tool_versions(),
+        **mf.run_header(command),
         "settings": {"n": n, "batch_sizes": list(batch_sizes), "seed": seed, "episodes": episodes_dir,
                      "split": split, "max_frames": max_frames, "max_episodes": max_episodes,
                      "ort_providers": providers, "gated_output": ACTIONS},
