@@ -288,14 +288,20 @@ def write_manifest(artifact: str | os.PathLike, manifest: dict[str, Any]) -> Pat
     return write_text_atomic(manifest_path(artifact), json.dumps(manifest, indent=2, default=_json_default) + "\n")
 
 
-def read_manifest(artifact: str | os.PathLike) -> dict[str, Any]:
-    path = manifest_path(artifact)
+def read_json(path: str | os.PathLike, missing: str, invalid: str) -> dict[str, Any]:
+    """A JSON file the user's pipeline wrote, with one-line errors: `missing`/`invalid` say what to do."""
+    path = Path(path)
     if not path.exists():
-        raise UserError(f"{artifact} has no manifest {path.name} beside it; rebuild it with vla-export")
+        raise UserError(f"{path} does not exist; {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"manifest {path} is not valid JSON ({e}); rebuild the artifact") from e
+        raise UserError(f"{path} is not valid JSON ({e}); {invalid}") from e
+
+
+def read_manifest(artifact: str | os.PathLike) -> dict[str, Any]:
+    return read_json(manifest_path(artifact), f"{Path(artifact).name} has no manifest beside it: rebuild it with "
+                     "vla-export", "rebuild the artifact")
 
 
 def _json_default(obj: Any):

@@ -27,12 +27,7 @@ DEVICE_MARKERS = {"cpu": "o", "cuda": "^"}
 
 
 def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
-    if not path.exists():
-        raise UserError(f"{path} does not exist; {hint}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rerun {what}") from e
+    return mf.read_json(path, hint, f"rerun {what}")
 
 
 def _validation_index(validation: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
