@@ -20,6 +20,7 @@ from vla_export.cli import main
 from vla_export.engines import tensorrt as trtmod
 from vla_export.engines.tensorrt import (
     BuildPlan,
+    TrtFeatures,
     check_engine_compatible,
     engine_sidecar,
     inspect_onnx,
@@ -34,7 +35,11 @@ from vla_export.io_spec import Dim, IOSpec, TensorSpec
 from vla_export.manifest import new_manifest, read_manifest, write_manifest
 from vla_export.models.kosmos2_clip import io_spec, resolve_config
 
-TRT_VERSIONS = {"8.6": "8.6.1.6", "10.3": "10.3.0.26", "10.16": "10.16.0.72", "11": "11.4.0.106"}
+# Enum members of the real bindings of each version (scripts/check_trt_api.py --dump-enums), not written by hand.
+ENUMS = json.loads((Path(__file__).parent / "data" / "trt_enum_members.json").read_text())
+RECORDED = {"8.6": "8.6.1", "10.3": "10.3.0", "10.16": "10.16.1.11", "11": "11.4.0.106"}
+TRT_VERSIONS = {short: TrtFeatures(v, frozenset(ENUMS[v]["NetworkDefinitionCreationFlag"]),
+                                   frozenset(ENUMS[v]["BuilderFlag"])) for short, v in RECORDED.items()}
 
 
 # -- small real ONNX models -----------------------------------------------------------------------------------------
@@ -185,9 +190,27 @@ def test_fp32_plan_clears_tf32(fp32_onnx):
 
 def test_plans_never_use_flags_removed_in_11(fp32_onnx, fp16_onnx, qdq_onnx):
     removed = {"FP16", "INT8", "BF16", "EXPLICIT_BATCH"}
+    assert not removed & (TRT_VERSIONS["11"].builder_flags | TRT_VERSIONS["11"].network_flags)  # the recorded 11.4
     for path, precision in ((fp16_onnx, "fp16"), (qdq_onnx, "int8"), (fp32_onnx, "fp32")):
         plan = plan_build(TRT_VERSIONS["11"], precision, inspect_onnx(path))
         assert not removed & set(plan.builder_flags + plan.network_flags)
+
+
+def test_every_recorded_version_gets_a_plan_whose_flags_it_has(fp32_onnx, fp16_onnx, qdq_onnx):
+    """Across all recorded bindings (8.6 .. 11.4), each plan names only members that version's enums have."""
+    for version, enums in ENUMS.items():
+        features = TrtFeatures(version, frozenset(enums["NetworkDefinitionCreationFlag"]),
+                               frozenset(enums["BuilderFlag"]))
+        for path, precision in ((fp32_onnx, "fp32"), (fp16_onnx, "fp16"), (qdq_onnx, "int8")):
+            plan = plan_build(features, precision, inspect_onnx(path))
+            assert set(plan.network_flags) <= features.network_flags, (version, precision)
+            assert set(plan.builder_flags + plan.clear_flags) <= features.builder_flags, (version, precision)
+
+
+def test_too_old_tensorrt_is_refused(fp32_onnx):
+    old = TrtFeatures("8.5.3.1", TRT_VERSIONS["8.6"].network_flags, TRT_VERSIONS["8.6"].builder_flags)
+    with pytest.raises(UserError, match="needs TensorRT 8.6 or newer"):
+        plan_build(old, "fp32", inspect_onnx(fp32_onnx))
 
 
 def test_wrong_source_for_precision_is_refused(fp32_onnx, fp16_onnx, dynamic_int8_onnx, qdq_onnx):
@@ -236,7 +259,9 @@ def test_profile_options_are_validated():
 def _sidecar(tmp_path, fp32_onnx, version="10.16.0.72", gpu=None) -> dict:
     engine = tmp_path / "model.fp32.engine"
     engine.write_bytes(b"plan bytes: only the sidecar is under test here")
-    plan = plan_build(version, "fp32", inspect_onnx(fp32_onnx))
+    features = TRT_VERSIONS["10.16"]
+    plan = plan_build(TrtFeatures(version, features.network_flags, features.builder_flags), "fp32",
+                      inspect_onnx(fp32_onnx))
     sidecar = engine_sidecar(engine, read_manifest(fp32_onnx), fp32_onnx, plan, profile_shapes(_spec()),
                              settings={"workspace_gb": 4.0}, trt_version=version,
                              gpu=gpu or {"name": "NVIDIA RTX A5000", "compute_capability": "8.6"},

@@ -5,7 +5,7 @@ built where it runs. One code path serves TensorRT 8.6 (Jetson Orin, JetPack 6.0
 probed by name (`getattr(trt.BuilderFlag, "FP16", None)`), never by enum integer (they moved between majors).
 
 Everything that can be decided without TensorRT is a pure function, testable on any machine:
-`inspect_onnx` (what kind of ONNX this is), `plan_build` (version x precision x ONNX kind -> flags or a refusal),
+`inspect_onnx` (what kind of ONNX this is), `plan_build` (TensorRT features x precision x ONNX kind -> flags or a refusal),
 `check_engine_compatible` (sidecar vs running TensorRT/GPU), `summarize_engine_layers` (inspector JSON of 10.x or
 11.x -> per-layer precision). The build is a chain of small loaders in Polygraphy's spirit:
 `network_from_onnx_path` -> `create_config` -> `engine_bytes_from_network` -> saved by `build_engine`.
@@ -227,48 +227,82 @@ class NeedsFp16Onnx(UserError):
     """TensorRT 11 cannot lower an fp32 ONNX to fp16: the fp16 export is required."""
 
 
-def plan_build(trt_version: str, precision: str, onnx_info: OnnxInfo) -> BuildPlan:
+MIN_TRT_VERSION = (8, 6)  # execute_async_v3 / set_input_shape / named I/O tensors; JetPack 6.0's TensorRT
+
+
+@dataclass(frozen=True)
+class TrtFeatures:
+    """What one TensorRT offers, by name: its version and the members of the two flag enums the plan uses.
+
+    Enum integers moved between majors (STRONGLY_TYPED 1 -> 0), and members come and go (EXPLICIT_BATCH and the
+    precision BuilderFlags are gone in 11), so the plan asks "is there a member called X", never "is the version >= N".
+    `from_module` reads a live `tensorrt`; tests use the member lists recorded from the real bindings wheels of each
+    version (`scripts/check_trt_api.py --dump-enums`)."""
+
+    version: str
+    network_flags: frozenset[str]  # NetworkDefinitionCreationFlag member names
+    builder_flags: frozenset[str]  # BuilderFlag member names
+
+    @classmethod
+    def from_module(cls, trt) -> TrtFeatures:
+        return cls(str(trt.__version__), frozenset(trt.NetworkDefinitionCreationFlag.__members__),
+                   frozenset(trt.BuilderFlag.__members__))
+
+    @property
+    def strongly_typed(self) -> bool:
+        return "STRONGLY_TYPED" in self.network_flags
+
+
+def plan_build(features: TrtFeatures, precision: str, onnx_info: OnnxInfo) -> BuildPlan:
     """How to build `precision` from this ONNX on this TensorRT, or a UserError saying which ONNX to pass instead.
 
-    - 8.x: networks must be EXPLICIT_BATCH; no strong typing, so precision comes from flags (FP16; INT8+FP16 for a
-      Q/DQ network: "int8 is not configured in the builder" otherwise).
-    - 10.x: STRONGLY_TYPED exists (opt-in). Q/DQ and fp16 ONNX: strongly typed, no precision flags (flags are
-      rejected there). fp16 from an fp32 ONNX: weak typing + BuilderFlag.FP16 lets TensorRT pick fp16 kernels.
-    - 11.x: always strongly typed, precision flags removed: the ONNX dtypes are the precision, so fp16 needs the
-      fp16 ONNX.
+    Decided by the enum members this TensorRT has (`TrtFeatures`), which gives, per line:
+    - 8.6 (no STRONGLY_TYPED): networks are EXPLICIT_BATCH; precision comes from flags (FP16; INT8+FP16 for a Q/DQ
+      network: "int8 is not configured in the builder" otherwise).
+    - 10.x (STRONGLY_TYPED and the FP16 flag): Q/DQ and fp16 ONNX build strongly typed, with no precision flags
+      (flags are rejected there); fp16 from an fp32 ONNX builds weakly typed + BuilderFlag.FP16, letting TensorRT
+      pick fp16 kernels.
+    - 11.x (no FP16 flag, always strongly typed): the ONNX dtypes are the precision, so fp16 needs the fp16 ONNX.
     fp32 clears TF32 (on by default for fp32 tensors) so an fp32 engine computes in fp32.
     """
     check_source_for_precision(onnx_info, precision)
-    major = trt_version_tuple(trt_version)[0]
+    version = features.version
+    if trt_version_tuple(version)[:2] < MIN_TRT_VERSION:
+        raise UserError(f"TensorRT {version} is too old: vla-export needs TensorRT "
+                        f"{'.'.join(map(str, MIN_TRT_VERSION))} or newer (execute_async_v3, named I/O tensors)")
     kind = onnx_info.kind
-    notes: list[str] = []
-    if major < 8:
-        raise UserError(f"TensorRT {trt_version} is too old: vla-export needs TensorRT 8.6 or newer")
-    if major < 10:
-        net = ("EXPLICIT_BATCH",)
+    has_flag = features.builder_flags.__contains__
+    clear_tf32 = ("TF32",) if has_flag("TF32") else ()
+    if not features.strongly_typed:
+        net = ("EXPLICIT_BATCH",) if "EXPLICIT_BATCH" in features.network_flags else ()
+        wanted = {"int8": ("INT8", "FP16"), "fp16": ("FP16",), "fp32": ()}[precision]
+        missing = [f for f in wanted if not has_flag(f)]
+        if missing:
+            raise UserError(f"TensorRT {version} has neither strongly typed networks nor BuilderFlag."
+                            f"{'/'.join(missing)}: it cannot build {precision}; report this with the version number")
         if precision == "int8":
-            return BuildPlan(trt_version, precision, kind, net, ("INT8", "FP16"),
+            return BuildPlan(version, precision, kind, net, wanted,
                              notes=("weakly typed Q/DQ network: INT8+FP16 flags (no STRONGLY_TYPED before 10.0)",))
         if precision == "fp16":
-            return BuildPlan(trt_version, precision, kind, net, ("FP16",),
+            return BuildPlan(version, precision, kind, net, wanted,
                              notes=("weakly typed: FP16 flag lets TensorRT choose fp16 kernels per layer",))
-        return BuildPlan(trt_version, precision, kind, net, (), clear_flags=("TF32",))
+        return BuildPlan(version, precision, kind, net, (), clear_flags=clear_tf32)
     strong = ("STRONGLY_TYPED",)
     if precision == "int8":
-        return BuildPlan(trt_version, precision, kind, strong, (), strongly_typed=True,
+        return BuildPlan(version, precision, kind, strong, (), strongly_typed=True,
                          notes=("explicit quantization: Q/DQ nodes set int8; strongly typed, no precision flags",))
     if precision == "fp16":
         if kind == "fp16":
-            return BuildPlan(trt_version, precision, kind, strong, (), strongly_typed=True,
+            return BuildPlan(version, precision, kind, strong, (), strongly_typed=True,
                              notes=("fp16 ONNX built strongly typed: the ONNX dtypes are the precision",))
-        if major >= 11:
-            stem = Path(onnx_info.path).name.removesuffix(".onnx")
-            raise NeedsFp16Onnx(f"TensorRT {trt_version} has no FP16 builder flag (networks are strongly typed), so "
-                                f"{Path(onnx_info.path).name} (fp32) would build an fp32 engine; pass the fp16 export "
-                                f"{stem}.fp16.onnx (`vla-export quantize {Path(onnx_info.path).name} --mode fp16`)")
-        notes.append("weakly typed fp32 ONNX + BuilderFlag.FP16 (deprecated from 10.12, removed in 11)")
-        return BuildPlan(trt_version, precision, kind, (), ("FP16",), notes=tuple(notes))
-    return BuildPlan(trt_version, precision, kind, strong, (), clear_flags=("TF32",), strongly_typed=True,
+        if not has_flag("FP16"):
+            name = Path(onnx_info.path).name
+            raise NeedsFp16Onnx(f"TensorRT {version} has no FP16 builder flag (networks are strongly typed), so "
+                                f"{name} (fp32) would build an fp32 engine; pass the fp16 export "
+                                f"{fp16_sibling(Path(onnx_info.path)).name} (`vla-export quantize {name} --mode fp16`)")
+        return BuildPlan(version, precision, kind, (), ("FP16",),
+                         notes=("weakly typed fp32 ONNX + BuilderFlag.FP16 (deprecated from 10.12, removed in 11)",))
+    return BuildPlan(version, precision, kind, strong, (), clear_flags=clear_tf32, strongly_typed=True,
                      notes=("fp32 ONNX strongly typed; TF32 cleared",))
 
 
@@ -276,10 +310,12 @@ def fp16_sibling(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".fp16.onnx")
 
 
-def resolve_plan(trt_version: str, precision: str, onnx_path: Path, info: OnnxInfo) -> tuple[Path, OnnxInfo, BuildPlan]:
-    """`plan_build`, except that on TensorRT 11 an fp16 build given `model.onnx` uses `model.fp16.onnx` beside it."""
+def resolve_plan(features: TrtFeatures, precision: str, onnx_path: Path,
+                 info: OnnxInfo) -> tuple[Path, OnnxInfo, BuildPlan]:
+    """`plan_build`, except that where there is no FP16 flag (11.x) an fp16 build given `model.onnx` uses
+    `model.fp16.onnx` beside it."""
     try:
-        return onnx_path, info, plan_build(trt_version, precision, info)
+        return onnx_path, info, plan_build(features, precision, info)
     except NeedsFp16Onnx:
         sibling = fp16_sibling(onnx_path)
         if not sibling.exists():
@@ -287,7 +323,7 @@ def resolve_plan(trt_version: str, precision: str, onnx_path: Path, info: OnnxIn
         sib_info = inspect_onnx(sibling)
         if sib_info.kind != "fp16":
             raise
-        return sibling, sib_info, plan_build(trt_version, precision, sib_info)
+        return sibling, sib_info, plan_build(features, precision, sib_info)
 
 
 # -- optimization profile from the IO spec ---------------------------------------------------------------------------
@@ -587,7 +623,7 @@ def build_engine(req: EngineBuildRequest, console=None) -> tuple[Path, dict[str,
     info, source_manifest, spec = validate_request(req)
     trt = import_tensorrt()
     trt_version = str(trt.__version__)
-    onnx_path, info, plan = resolve_plan(trt_version, req.precision, Path(req.onnx_path), info)
+    onnx_path, info, plan = resolve_plan(TrtFeatures.from_module(trt), req.precision, Path(req.onnx_path), info)
     if onnx_path != Path(req.onnx_path):
         source_manifest = read_manifest(onnx_path)
         if console is not None:
