@@ -8,7 +8,9 @@ goes, and writes JSON after every step (a timeout keeps what was measured):
   3. torch.export + AOTInductor compile time (default inductor mode, not max-autotune), package size
   4. AOTI latency at batch 1 and 8, MAE vs eager at the same dtype
   5. CUDA-graph capture of the eager model (the policy places image embeddings by index, so capture should work)
-  6. ratios: p50 / floor, and the goal (AOTI p50 at batch 1 <= 3.6 ms on H100)
+     and of the AOTI package loaded with run_single_threaded=True (the launch overhead left after fusion)
+  6. ratios: p50 / floor, and the goal: the best verified engine (AOTI, or AOTI replayed from a CUDA graph, with
+     MAE vs eager <= --max-mae) at batch 1 <= 3.6 ms on an H100
 
 Check the logic on a CPU with the tiny preset:
     .venv/bin/python scripts/gpu_check_aoti.py --preset tiny --device cpu --dtype fp32 --iters 5
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vla_export.engines.aoti import AotiRunner, export_program, torch_dtype
 from vla_export.models.kosmos2_clip import Kosmos2ClipPolicy, io_spec, resolve_config
 from vla_export.validate.metrics import error_metrics, latency_stats
-from vla_export.validate.runners import TorchRunner, cuda_event_times, to_device_feeds
+from vla_export.validate.runners import TorchRunner, cuda_event_times, outputs_as_dict, to_device_feeds
 
 
 def log(msg: str) -> None:
@@ -57,27 +59,30 @@ def time_runner(runner, spec, batch: int, warmup: int, iters: int) -> dict:
     return latency_stats(runner.time_prepared(feeds, warmup=warmup, iters=iters), batch=batch)
 
 
-def try_cuda_graph(model, spec, device: str, dtype: str, batch: int, warmup: int, iters: int) -> dict:
-    """Capture one eager forward in a CUDA graph, replay it, time the replay, check it equals eager."""
+def try_cuda_graph(fn, spec, device: str, dtype: str, batch: int, warmup: int, iters: int, reference) -> dict:
+    """Capture one `fn(**inputs)` in a CUDA graph, replay it, time the replays, compare the first output with
+    `reference(**inputs)` (eager at the same dtype). `fn` is the eager model or an AOTI package loaded with
+    `run_single_threaded=True` (its default multi-threaded runner cannot be captured: pytorch#148601)."""
     if not device.startswith("cuda"):
         return {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
     tdtype = torch_dtype(dtype)
     static = to_device_feeds(spec.example_inputs(batch=batch, seed=7), device, tdtype)
+    name = spec.output_names[0]
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph requires
-                model(**static)
+                fn(**static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
-            captured = model(**static)
+            captured = outputs_as_dict(fn(**static), spec.output_names)[name]
         graph.replay()
         torch.cuda.synchronize()
         with torch.inference_mode():
-            eager = model(**static)
-        mae = error_metrics(eager.float().cpu().numpy(), captured.float().cpu().numpy())["mae"]
+            expected = outputs_as_dict(reference(**static), spec.output_names)[name]
+        mae = error_metrics(expected.float().cpu().numpy(), captured.float().cpu().numpy())["mae"]
         stats = latency_stats(cuda_event_times(graph.replay, warmup, iters), batch=batch)
         return {"status": "captured", "batch": batch, "mae_vs_eager": mae, "latency_ms": stats}
     except Exception as e:  # report why capture failed; that is the finding
@@ -94,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--bandwidth-tbps", type=float, default=3.0, help="memory bandwidth for the floor (H100 ~3.0)")
     ap.add_argument("--goal-ms", type=float, default=3.6, help="goal for AOTI p50 at batch 1")
+    ap.add_argument("--max-mae", type=float, default=1e-2,
+                    help="an engine counts for the goal only if its MAE vs eager (same dtype) is at most this")
     ap.add_argument("--skip-cuda-graph", action="store_true")
     ap.add_argument("--package-dir", default=None, help="where the .pt2 goes [default: a temp dir]")
     ap.add_argument("--out", default="gpu_check_aoti.json", help="JSON results (rewritten after every step)")
@@ -165,31 +172,47 @@ def main(argv=None) -> int:
         save()
 
     if not args.skip_cuda_graph:
-        res["cuda_graph_eager"] = try_cuda_graph(model, spec, args.device, args.dtype, batches[0], args.warmup,
-                                                 args.iters)
-        log(f"CUDA graph capture of eager: {res['cuda_graph_eager']['status']} "
-            f"{res['cuda_graph_eager'].get('error', '')}")
-        save()
+        graphed = {"cuda_graph_eager": model}
+        if package.exists():
+            graphed["cuda_graph_aoti"] = torch._inductor.aoti_load_package(str(package), run_single_threaded=True)
+        for key, fn in graphed.items():
+            res[key] = try_cuda_graph(fn, spec, args.device, args.dtype, batches[0], args.warmup, args.iters,
+                                      reference=model)
+            log(f"CUDA graph capture ({key.removeprefix('cuda_graph_')}): {res[key]['status']} "
+                f"{res[key].get('error', '')}{res[key].get('reason', '')}")
+            save()
 
     # Summary: only rows from this run, this device.
     rows = [("eager", b, res["eager"][f"batch{b}"]) for b in batches]
     rows += [("aoti", b, res["aoti"][f"batch{b}"]) for b in batches if "aoti" in res and f"batch{b}" in res["aoti"]]
-    cg = res.get("cuda_graph_eager", {})
-    if cg.get("status") == "captured":
-        rows.append(("eager+cudagraph", cg["batch"], cg["latency_ms"]))
+    for key in ("cuda_graph_eager", "cuda_graph_aoti"):
+        cg = res.get(key, {})
+        if cg.get("status") == "captured":
+            rows.append((f"{key.removeprefix('cuda_graph_')}+cudagraph", cg["batch"], cg["latency_ms"]))
     log(f"\n## {args.preset} {args.dtype} on {res.get('gpu', args.device)} (torch {torch.__version__})\n")
     log("| runner | batch | mean ms | p50 ms | p99 ms | p50 / floor |")
     log("|---|---|---|---|---|---|")
     for name, b, s in rows:
         log(f"| {name} | {b} | {s['mean_ms']:.3f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['p50_ms'] / res['floor_ms']:.1f}x |")
-    if "aoti" in res and "batch1" in res["aoti"]:
-        p50 = res["aoti"]["batch1"]["p50_ms"]
-        res["goal"] = {"goal_ms": args.goal_ms, "aoti_p50_batch1_ms": p50, "met": bool(p50 <= args.goal_ms),
+    # The goal is for a *verified* engine: AOTI rows only, and only where their output matched eager.
+    candidates = []
+    if "batch1" in res.get("aoti", {}):
+        candidates.append(("aoti", res["aoti"]["batch1"]["p50_ms"], res["aoti_mae_vs_eager"]["batch1"]))
+    cg = res.get("cuda_graph_aoti", {})
+    if cg.get("status") == "captured" and cg["batch"] == 1:
+        candidates.append(("aoti+cudagraph", cg["latency_ms"]["p50_ms"], cg["mae_vs_eager"]))
+    verified = [c for c in candidates if c[2] <= args.max_mae]
+    if args.preset != "full" or not args.device.startswith("cuda"):
+        log("\ngoal not evaluated: it is defined for the full preset on a CUDA GPU (this run checks the logic)")
+    elif verified:
+        best, p50, mae = min(verified, key=lambda c: c[1])
+        res["goal"] = {"goal_ms": args.goal_ms, "best": best, "p50_batch1_ms": p50, "mae_vs_eager": mae,
+                       "met": bool(p50 <= args.goal_ms), "max_mae": args.max_mae,
                        "speedup_vs_eager_batch1": res["eager"]["batch1"]["p50_ms"] / p50 if "batch1" in res["eager"]
                        else None}
-        log(f"\ngoal: AOTI p50 batch 1 = {p50:.3f} ms vs goal {args.goal_ms} ms -> "
+        log(f"\ngoal: best verified engine {best}, p50 batch 1 = {p50:.3f} ms vs goal {args.goal_ms} ms -> "
             f"{'MET' if res['goal']['met'] else 'NOT MET'}; floor {res['floor_ms']:.2f} ms "
-            f"({p50 / res['floor_ms']:.1f}x above it)")
+            f"({p50 / res['floor_ms']:.1f}x above it); MAE vs eager {mae:.2e}")
     if "compile_s" in res:
         log(f"compile: {res['compile_s']} s (export {res['export_s']} s)")
     if args.device.startswith("cuda"):
