@@ -41,10 +41,9 @@ checkpoint: data
 export: checkpoint
 	$(VLA) export $(CHECKPOINT) -o $(ARTIFACTS) --episodes $(EPISODES)
 
+# One call for the three modes: the fp32 reference is built once and shared; each artifact is gated on its own.
 quantize: export
-	$(VLA) quantize $(ARTIFACTS)/model.onnx --mode dynamic --episodes $(EPISODES)
-	$(VLA) quantize $(ARTIFACTS)/model.onnx --mode fp16 --episodes $(EPISODES)
-	$(VLA) quantize $(ARTIFACTS)/model.onnx --mode static --calib $(EPISODES) --episodes $(EPISODES)
+	$(VLA) quantize $(ARTIFACTS)/model.onnx --mode dynamic,fp16,static --calib $(EPISODES) --episodes $(EPISODES)
 
 # TensorRT needs a CUDA GPU and `pip install 'vla-export[trt]'`; without them the stage is reported as skipped.
 trt: quantize

@@ -4,6 +4,7 @@ data, the static model is real calibrated QDQ, a failed gate is recorded and exi
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,49 @@ def test_gate_failure_marks_manifest_failed_and_exits_3(setup, tmp_path):
     assert out.exists() and m["total_bytes"] == mf.total_bytes(out)
 
 
+def test_several_modes_in_one_call_share_one_reference(setup, tmp_path, caplog):
+    # dynamic via the comma list, static via a repeated --mode; each mode's own option still reaches it.
+    args = ["quantize", str(setup["src"]), "--mode", "dynamic,fp16", "--mode", "static", "-o", str(tmp_path),
+            "--episodes", str(setup["episodes"]), "--calib", str(setup["episodes"]), "--calib-frames", "8",
+            "--engine", "streaming", "--keep-fp32-ops", "Softmax", "--parity-n", "4", "--task-frames", "12"]
+    with caplog.at_level(logging.INFO, logger="vla_export.quantize.stage"):
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    builds = [r for r in caplog.records if r.getMessage().startswith("building the fp32 PyTorch reference")]
+    assert len(builds) == 1, [r.getMessage() for r in builds]
+    manifests = {}
+    for mode, name in (("dynamic", "model.int8.onnx"), ("fp16", "model.fp16.onnx"),
+                       ("static", "model.int8-static.onnx")):
+        out = tmp_path / name
+        m = json.loads(mf.manifest_path(out).read_text())
+        assert m["status"] == "passed" and m["settings"]["mode"] == mode, m.get("failure")
+        assert m["total_bytes"] == mf.total_bytes(out) and m["sha256"] == mf.sha256_files(mf.artifact_files(out))
+        assert m["settings"]["modes_in_call"] == ["dynamic", "fp16", "static"]
+        assert m["metrics"]["task"]["frames"] > 0 and m["metrics"]["parity"]["n"] == 4
+        manifests[mode] = m
+    # one shared build: every manifest carries the same reference time
+    assert len({m["timing"]["reference_wall_s"] for m in manifests.values()}) == 1
+    assert manifests["dynamic"]["settings"]["engine"] == "streaming"
+    assert manifests["fp16"]["settings"]["keep_fp32_ops"] == ["Softmax"]
+    assert manifests["static"]["settings"]["calib_frames"] == 8
+    assert manifests["dynamic"]["settings"]["calib"] is None
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_several_modes_one_gate_fails_the_others_are_still_judged(setup, tmp_path):
+    res = CliRunner().invoke(main, ["quantize", str(setup["src"]), "--mode", "dynamic,fp16", "--engine", "streaming",
+                                    "-o", str(tmp_path), "--tol-int8", "1e-9", "--parity-n", "2"])
+    assert res.exit_code == 3, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "1 of 2 artifacts failed" in errors[0], res.output
+    assert "dynamic model.int8.onnx (parity MAE" in errors[0] and "passed: model.fp16.onnx" in errors[0]
+    failed = json.loads(mf.manifest_path(tmp_path / "model.int8.onnx").read_text())
+    assert failed["status"] == "failed" and "parity MAE" in failed["failure"]
+    # the failure came first and the next mode still ran, was judged and published
+    passed = json.loads(mf.manifest_path(tmp_path / "model.fp16.onnx").read_text())
+    assert passed["status"] == "passed" and passed["total_bytes"] == mf.total_bytes(tmp_path / "model.fp16.onnx")
+
+
 def _bad(args, out_dir: Path, expect: str):
     before = set(out_dir.iterdir()) if out_dir.exists() else set()
     res = CliRunner().invoke(main, ["quantize", *map(str, args)])
@@ -172,6 +216,18 @@ def _bad(args, out_dir: Path, expect: str):
     assert len(lines) == 1 and expect in lines[0], res.output
     after = set(out_dir.iterdir()) if out_dir.exists() else set()
     assert after == before, f"left behind {after - before}"
+
+
+def test_bad_mode_name(setup, tmp_path):
+    _bad([setup["src"], "--mode", "dynamic,int4", "-o", tmp_path], tmp_path, "unknown --mode 'int4'")
+
+
+def test_bad_input_of_a_later_mode_stops_before_any_work(setup, tmp_path):
+    # static without --calib is found before the dynamic artifact is made
+    _bad([setup["src"], "--mode", "dynamic", "--mode", "static", "-o", tmp_path], tmp_path,
+         "needs calibration frames")
+    _bad([setup["src"], "--mode", "fp16,static", "--engine", "streaming", "--calib", setup["episodes"], "-o",
+          tmp_path], tmp_path, "--engine streaming applies to --mode dynamic only")
 
 
 def test_bad_not_onnx(tmp_path):

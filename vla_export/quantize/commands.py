@@ -6,14 +6,16 @@ import click
 
 from vla_export.quantize import gate as gates
 from vla_export.quantize.ort_quant import CALIB_METHODS
-from vla_export.quantize.stage import DEFAULT_CALIB_FRAMES, ENGINES, MODES, quantize
+from vla_export.quantize.stage import DEFAULT_CALIB_FRAMES, ENGINES, MODES, parse_modes, quantize_modes
 
 
 @click.command("quantize")
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--mode", type=click.Choice(list(MODES)), required=True,
+@click.option("--mode", "modes", multiple=True, required=True, metavar="|".join(MODES),
               help="dynamic: INT8 weights, activations quantized at run time (ORT CPU). static: QDQ INT8 calibrated "
-                   "on frames (TensorRT INT8 input). fp16: FP16 weights and compute, FP32 inputs/outputs.")
+                   "on frames (TensorRT INT8 input). fp16: FP16 weights and compute, FP32 inputs/outputs. Several "
+                   "modes (repeat --mode, or a comma list: --mode dynamic,fp16,static) run one after another "
+                   "against one fp32 reference, built once.")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: beside MODEL.onnx).")
 @click.option("--episodes", type=click.Path(file_okay=False), default=None,
@@ -43,27 +45,29 @@ from vla_export.quantize.stage import DEFAULT_CALIB_FRAMES, ENGINES, MODES, quan
               help="Example inputs for the parity check.")
 @click.option("--task-frames", type=int, default=gates.DEFAULT_TASK_FRAMES, show_default=True,
               help="Validation frames for the task check (with --episodes).")
-def quantize_cmd(onnx_path, mode, out_dir, episodes, calib, calib_frames, calib_method, per_channel, fusion, engine,
+def quantize_cmd(onnx_path, modes, out_dir, episodes, calib, calib_frames, calib_method, per_channel, fusion, engine,
                  keep_fp32_ops, tol_fp16, tol_int8, max_task_mae_increase, parity_n, task_frames):
     """Quantize an fp32 ONNX export to INT8 (dynamic or static QDQ) or FP16, and gate it against PyTorch fp32.
 
     Writes MODEL.int8.onnx / MODEL.int8-static.onnx / MODEL.fp16.onnx (plus .onnx.data) and a manifest
     beside each. The artifact is compared with the fp32 PyTorch checkpoint the export came from (parity MAE on
     example inputs; with --episodes, the action MAE against ground truth on validation frames). Missing a budget
-    exits 3 and leaves the artifact marked "failed" in its manifest.
+    exits 3 and leaves the artifact marked "failed" in its manifest. With several modes every one is produced and
+    judged, each with its own manifest, and the exit is 3 if any of them failed (the error line names which).
 
     \b
     Example:
       vla-export quantize artifacts/model.onnx --mode dynamic --episodes data/episodes
       vla-export quantize artifacts/model.onnx --mode static --calib data/episodes --calib-method percentile
       vla-export quantize artifacts/model.onnx --mode fp16 --tol-fp16 2e-3
+      vla-export quantize artifacts/model.onnx --mode dynamic,fp16,static --calib data/episodes --episodes data/episodes
     """
-    quantize(onnx_path, mode, out_dir=out_dir, episodes=episodes, calib=calib, calib_frames=calib_frames,
-             calib_method=calib_method, per_channel=per_channel, fusion=fusion, engine=engine,
-             keep_fp32_ops=tuple(x.strip() for x in keep_fp32_ops.split(",") if x.strip()),
-             budgets=gates.Budgets(tol_fp16=tol_fp16, tol_int8=tol_int8,
-                                   max_task_mae_increase=max_task_mae_increase),
-             parity_n=parity_n, task_frames=task_frames)
+    quantize_modes(onnx_path, parse_modes(modes), out_dir=out_dir, episodes=episodes, calib=calib,
+                   calib_frames=calib_frames, calib_method=calib_method, per_channel=per_channel, fusion=fusion,
+                   engine=engine, keep_fp32_ops=tuple(x.strip() for x in keep_fp32_ops.split(",") if x.strip()),
+                   budgets=gates.Budgets(tol_fp16=tol_fp16, tol_int8=tol_int8,
+                                         max_task_mae_increase=max_task_mae_increase),
+                   parity_n=parity_n, task_frames=task_frames)
 
 
 COMMANDS = [quantize_cmd]

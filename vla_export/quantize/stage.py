@@ -1,28 +1,32 @@
 """The quantize stage: fp32 ONNX -> INT8 dynamic / INT8 static QDQ / FP16 ONNX, gated against the PyTorch reference.
 
-`quantize(src, mode, ...)` checks the input, computes the fp32 reference outputs (then frees the torch model, so it
-is never resident next to the quantizer's copies), converts into a staging directory, gates the staged artifact,
-publishes it and writes its manifest: `passed`, or `failed` with the reason, in which case `GateFailed` (exit 3)
-is raised after the artifact and its manifest are on disk for inspection.
+`quantize_modes(src, modes, ...)` checks every input first, builds the fp32 reference once (outputs on the parity
+inputs and validation frames; then it frees the torch model, so it is never resident next to the quantizer's copies)
+and, one mode after another, converts into a staging directory, gates the staged artifact, publishes it and writes
+its manifest: `passed`, or `failed` with the reason. If any mode failed, `GateFailed` (exit 3) is raised after every
+artifact and its manifest are on disk for inspection. `quantize(src, mode, ...)` is the one-mode form.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
+import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vla_export import manifest as mf
 from vla_export.errors import GateFailed, UserError
+from vla_export.export.onnx_export import release_memory
 from vla_export.quantize import gate as gates
 from vla_export.quantize.gate import Budgets, Reference
 from vla_export.quantize.source import SourceModel, open_source
+
+log = logging.getLogger(__name__)
 
 # mode -> (file suffix, variant, precision)
 MODES: dict[str, tuple[str, str, str]] = {
@@ -88,6 +92,23 @@ def resolve_engine(engine: str, mode: str, source: SourceModel) -> str:
     return engine
 
 
+def parse_modes(values: str | Sequence[str]) -> tuple[str, ...]:
+    """`--mode` values, each one mode or a comma list (`dynamic,fp16`), as modes in the given order without repeats."""
+    if isinstance(values, str):
+        values = (values,)
+    modes: list[str] = []
+    for value in values:
+        for mode in (m.strip() for m in str(value).split(",")):
+            if mode not in MODES:
+                raise UserError(f"unknown --mode {mode!r}; choose one or more of {', '.join(MODES)} (repeat --mode "
+                                "or separate them with commas)")
+            if mode not in modes:
+                modes.append(mode)
+    if not modes:
+        raise UserError(f"no --mode given; choose one or more of {', '.join(MODES)}")
+    return tuple(modes)
+
+
 def quantize(src: str | os.PathLike, mode: str, *, out_dir: str | os.PathLike | None = None,
              episodes: str | os.PathLike | None = None, calib: str | os.PathLike | None = None,
              calib_frames: int = DEFAULT_CALIB_FRAMES, calib_method: str = "minmax", per_channel: bool = True,
@@ -96,23 +117,36 @@ def quantize(src: str | os.PathLike, mode: str, *, out_dir: str | os.PathLike | 
              task_frames: int | None = gates.DEFAULT_TASK_FRAMES, threads: int | None = None,
              reference: Reference | None = None, progress: bool = True) -> QuantizeResult:
     """Quantize the fp32 ONNX `src`; returns the published artifact and its manifest (raises GateFailed if failed)."""
-    # The whole stage's peak (reference model, quantization, gate session) next to the conversion's own.
-    with mf.PeakRSS() as stage_peak:
-        return _quantize(src, mode, out_dir=out_dir, episodes=episodes, calib=calib, calib_frames=calib_frames,
-                         calib_method=calib_method, per_channel=per_channel, fusion=fusion, engine=engine,
-                         keep_fp32_ops=keep_fp32_ops, budgets=budgets, parity_n=parity_n, task_frames=task_frames,
-                         threads=threads, reference=reference, progress=progress, stage_peak=stage_peak)
-
-
-def _quantize(src, mode, *, out_dir, episodes, calib, calib_frames, calib_method, per_channel, fusion, engine,
-              keep_fp32_ops, budgets, parity_n, task_frames, threads, reference, progress, stage_peak
-              ) -> QuantizeResult:
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "static" and not calib:
+    return quantize_modes(src, (mode,), out_dir=out_dir, episodes=episodes, calib=calib, calib_frames=calib_frames,
+                          calib_method=calib_method, per_channel=per_channel, fusion=fusion, engine=engine,
+                          keep_fp32_ops=keep_fp32_ops, budgets=budgets, parity_n=parity_n, task_frames=task_frames,
+                          threads=threads, reference=reference, progress=progress)[0]
+
+
+def quantize_modes(src: str | os.PathLike, modes: str | Sequence[str], *, out_dir: str | os.PathLike | None = None,
+                   episodes: str | os.PathLike | None = None, calib: str | os.PathLike | None = None,
+                   calib_frames: int = DEFAULT_CALIB_FRAMES, calib_method: str = "minmax", per_channel: bool = True,
+                   fusion: str = "auto", engine: str = "auto", keep_fp32_ops: tuple[str, ...] = (),
+                   budgets: Budgets | None = None, parity_n: int = gates.DEFAULT_PARITY_N,
+                   task_frames: int | None = gates.DEFAULT_TASK_FRAMES, threads: int | None = None,
+                   reference: Reference | None = None, progress: bool = True) -> list[QuantizeResult]:
+    """Quantize `src` in each of `modes` (one after another) against one fp32 reference built once for all of them.
+
+    Every input is checked before any work. Each artifact gets its own gate verdict and manifest; if any failed,
+    GateFailed (exit 3) is raised after all modes are written and judged, naming the failed ones (`.results` holds
+    every QuantizeResult). Options for one mode only (calib for static, fusion/engine for dynamic, keep_fp32_ops for
+    fp16) apply to that mode."""
+    modes = parse_modes(modes)
+    if "static" in modes and not calib:
         raise UserError("--mode static needs calibration frames: pass --calib DIR (a directory of episodes)")
     if fusion not in ("auto", "on", "off"):
         raise UserError(f"unknown --fusion {fusion!r}; choose auto, on or off")
+    if engine not in ENGINES:
+        raise UserError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "streaming" and "dynamic" not in modes:
+        raise UserError("--engine streaming applies to --mode dynamic only")
     from vla_export.quantize.ort_quant import CALIB_METHODS
 
     if calib_method not in CALIB_METHODS:
@@ -121,59 +155,116 @@ def _quantize(src, mode, *, out_dir, episodes, calib, calib_frames, calib_method
         raise UserError(f"--calib-frames must be at least 1, got {calib_frames}")
     budgets = budgets or Budgets()
     src = Path(src)
-    source, _graph = open_source(src)
-    del _graph
-    engine = resolve_engine(engine, mode, source)
-    out = output_path(src, mode, out_dir)
-    if out.resolve() == src.resolve():
-        raise UserError(f"output {out} would overwrite the input; choose another -o")
-    mf.check_writable_dir(out.parent)
-    suffix, variant, precision = MODES[mode]
+    # The shared part's peak (input checks, calibration frames, the fp32 reference); each mode adds its own.
+    with mf.PeakRSS() as shared_peak:
+        source, _graph = open_source(src)
+        del _graph
+        plan: list[tuple[str, str, Path]] = []  # (mode, engine, output path)
+        for mode in modes:
+            out = output_path(src, mode, out_dir)
+            if out.resolve() == src.resolve():
+                raise UserError(f"output {out} would overwrite the input; choose another -o")
+            mf.check_writable_dir(out.parent)
+            plan.append((mode, resolve_engine(engine if mode == "dynamic" else "ort", mode, source), out))
+        calib_feeds, reference_wall = None, None
+        if progress and len(modes) > 1:
+            from rich.console import Console
 
-    with _steps(progress) as step:
-        calib_feeds = None
-        if mode == "static":
-            step(f"preprocessing up to {calib_frames} calibration frames from {calib}")
-            if not (source.checkpoint and Path(source.checkpoint).exists()):
-                raise UserError(f"calibration needs the source checkpoint {source.checkpoint} (its preprocessing); "
-                                "restore it or re-export")
-            if source.spec.state:
-                calib_feeds = _recurrent_calibration(source, calib, calib_frames)
-            else:
-                calib_feeds = gates.load_calibration(source.checkpoint, calib, calib_frames)
-            gates.check_frames_fit(calib_feeds, source.spec, calib, "--calib")
-        if reference is None:
-            step("fp32 PyTorch reference on parity inputs" + (" and validation frames" if episodes else ""))
-            reference = gates.load_reference(source.checkpoint, source.checkpoint_sha256, episodes=episodes,
-                                             parity_n=parity_n, task_frames=task_frames,
-                                             load_kwargs=source.checkpoint_load_kwargs())
-        # Only the reference's outputs are needed from here on; drop the torch weights before quantizing.
+            Console(stderr=True).print(f"quantize {src.name}: {len(modes)} modes ({', '.join(modes)}), one after "
+                                       "another, against one fp32 reference")
+        with _steps(progress) as step:
+            if "static" in modes:
+                step(f"preprocessing up to {calib_frames} calibration frames from {calib}")
+                if not (source.checkpoint and Path(source.checkpoint).exists()):
+                    raise UserError(f"calibration needs the source checkpoint {source.checkpoint} (its "
+                                    "preprocessing); restore it or re-export")
+                if source.spec.state:
+                    calib_feeds = _recurrent_calibration(source, calib, calib_frames)
+                else:
+                    calib_feeds = gates.load_calibration(source.checkpoint, calib, calib_frames)
+                gates.check_frames_fit(calib_feeds, source.spec, calib, "--calib")
+            if reference is None:
+                step("fp32 PyTorch reference on parity inputs" + (" and validation frames" if episodes else ""))
+                log.info("building the fp32 PyTorch reference from %s for %s", source.checkpoint, ", ".join(modes))
+                t0 = time.perf_counter()
+                reference = gates.load_reference(source.checkpoint, source.checkpoint_sha256, episodes=episodes,
+                                                 parity_n=parity_n, task_frames=task_frames,
+                                                 load_kwargs=source.checkpoint_load_kwargs())
+                reference_wall = round(time.perf_counter() - t0, 3)
+        # Only the reference's inputs and outputs (megabytes) are needed from here on: drop the torch weights before
+        # the first conversion, so they are never resident next to a quantizer's copies. The rest serves every mode,
+        # so it is kept: rebuilding it per mode would cost time and save nothing at the peak.
         reference.checkpoint.model = None
-        gc.collect()
+        release_memory()
 
-        with mf.staging_dir(out.parent) as stage:
-            work = stage / "work"
-            work.mkdir()
-            staged = stage / out.name
-            step("fp16 conversion" if mode == "fp16" else f"{mode} INT8 quantization ({engine} engine)")
-            with mf.measured() as timing:
-                details = _convert(mode, engine, source, staged, work, calib_feeds=calib_feeds,
-                                   calib_method=calib_method, per_channel=per_channel, fusion=fusion,
-                                   keep_fp32_ops=keep_fp32_ops, reference=reference)
-            shutil.rmtree(work, ignore_errors=True)
-            step("accuracy gate: ONNX Runtime vs PyTorch fp32")
-            t0 = time.perf_counter()
-            result, failures = gates.evaluate(staged, precision, reference, budgets, threads=threads)
-            gate_wall = round(time.perf_counter() - t0, 3)
-            staged_files = mf.artifact_files(staged)
-            # A stale manifest must never describe the new bytes, even for a moment.
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(mf.manifest_path(out))
-            published = mf.publish(staged_files, out.parent)[0]
+    results: list[QuantizeResult] = []
+    for i, (mode, mode_engine, out) in enumerate(plan, 1):
+        tag = f"[{i}/{len(plan)} {mode}] " if len(plan) > 1 else ""
+        with mf.PeakRSS() as mode_peak:
+            results.append(_quantize_one(
+                source, mode, mode_engine, out, tag=tag, all_modes=modes, episodes=episodes, calib=calib,
+                calib_feeds=calib_feeds if mode == "static" else None, calib_frames=calib_frames,
+                calib_method=calib_method, per_channel=per_channel, fusion=fusion, keep_fp32_ops=keep_fp32_ops,
+                budgets=budgets, parity_n=parity_n, task_frames=task_frames, threads=threads, reference=reference,
+                reference_wall=reference_wall, progress=progress,
+                stage_peak=lambda mode_peak=mode_peak: max(shared_peak.peak_bytes, mode_peak.peak_bytes)))
+        # This mode's sessions and models are gone: hand their heap back to the OS before the next mode converts, so
+        # a multi-mode run peaks at its largest mode (plus the reference's arrays), never at a sum of modes.
+        release_memory()
+
+    failed = [r for r in results if not r.passed]
+    if progress and len(results) > 1:
+        from rich.console import Console
+
+        Console(stderr=True).print("quantize: " + ", ".join(
+            f"{r.manifest['settings']['mode']} {r.path.name} {'FAILED' if not r.passed else 'passed'}"
+            for r in results))
+    if failed:
+        if len(results) == 1:
+            r = failed[0]
+            err = GateFailed(f"{r.path.name} failed its accuracy gate ({r.manifest['failure']}); it is kept, marked "
+                             f"failed in {mf.manifest_path(r.path).name}: loosen the budget or try another mode")
+        else:
+            passed = [r.path.name for r in results if r.passed]
+            err = GateFailed(
+                f"{len(failed)} of {len(results)} artifacts failed their accuracy gate: "
+                + "; ".join(f"{r.manifest['settings']['mode']} {r.path.name} ({r.manifest['failure']})"
+                            for r in failed)
+                + f"; kept, marked failed in their manifests; passed: {', '.join(passed) or 'none'}")
+        err.results = results
+        raise err
+    return results
+
+
+def _quantize_one(source: SourceModel, mode: str, engine: str, out: Path, *, tag: str, all_modes: tuple[str, ...],
+                  episodes, calib, calib_feeds, calib_frames, calib_method, per_channel, fusion, keep_fp32_ops,
+                  budgets: Budgets, parity_n, task_frames, threads, reference: Reference, reference_wall,
+                  progress: bool, stage_peak: Callable[[], int]) -> QuantizeResult:
+    """Convert, gate, publish and write the manifest of one mode; the verdict is in the manifest, never raised."""
+    suffix, variant, precision = MODES[mode]
+    with _steps(progress) as step, mf.staging_dir(out.parent) as stage:
+        work = stage / "work"
+        work.mkdir()
+        staged = stage / out.name
+        step(tag + ("fp16 conversion" if mode == "fp16" else f"{mode} INT8 quantization ({engine} engine)"))
+        with mf.measured() as timing:
+            details = _convert(mode, engine, source, staged, work, calib_feeds=calib_feeds,
+                               calib_method=calib_method, per_channel=per_channel, fusion=fusion,
+                               keep_fp32_ops=keep_fp32_ops, reference=reference)
+        shutil.rmtree(work, ignore_errors=True)
+        step(tag + "accuracy gate: ONNX Runtime vs PyTorch fp32")
+        t0 = time.perf_counter()
+        result, failures = gates.evaluate(staged, precision, reference, budgets, threads=threads)
+        gate_wall = round(time.perf_counter() - t0, 3)
+        staged_files = mf.artifact_files(staged)
+        # A stale manifest must never describe the new bytes, even for a moment.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(mf.manifest_path(out))
+        published = mf.publish(staged_files, out.parent)[0]
 
     total = mf.total_bytes(published)
     settings = {"mode": mode, "engine": engine, "per_channel": per_channel, "fusion_option": fusion,
-                "calib": str(Path(calib).resolve()) if calib else None,
+                "calib": str(Path(calib).resolve()) if calib and mode == "static" else None,
                 "calib_frames": calib_frames if mode == "static" else None,
                 "calib_method": calib_method if mode == "static" else None,
                 "calib_state": ("recurrent state of each frame from a rollout of the fp32 ONNX over whole training "
@@ -183,12 +274,14 @@ def _quantize(src, mode, *, out_dir, episodes, calib, calib_frames, calib_method
                 "parity_n": parity_n, "task_frames": task_frames,
                 "budgets": {"tol_fp16": budgets.tol_fp16, "tol_int8": budgets.tol_int8,
                             "max_task_mae_increase": budgets.max_task_mae_increase},
+                # the modes of this call, which shared one fp32 reference
+                "modes_in_call": list(all_modes),
                 **details}
     m = mf.new_manifest(
         "quantize", published, backend="onnxruntime", precision=precision, variant=variant,
         io_spec=source.manifest["io_spec"], source=source.source_record(), settings=settings,
-        timing={**timing, "gate_wall_s": gate_wall, "stage_peak_rss_bytes": max(stage_peak.peak_bytes,
-                                                                             timing["peak_rss_bytes"])},
+        timing={**timing, "gate_wall_s": gate_wall, "reference_wall_s": reference_wall,
+                "stage_peak_rss_bytes": max(stage_peak(), timing["peak_rss_bytes"])},
         sizes={"total_bytes": total, "source_total_bytes": source.total_bytes,
                "ratio_to_fp32": round(total / source.total_bytes, 4),
                "source_files": mf.file_sizes(source.files)},
@@ -204,9 +297,6 @@ def _quantize(src, mode, *, out_dir, episodes, calib, calib_frames, calib_method
         Console(stderr=True).print(f"{published.name}: {total:,} bytes ({total / source.total_bytes:.3f}x fp32 "
                                    f"{source.total_bytes:,}), quantized in {timing['wall_s']:.1f} s, peak RSS "
                                    f"{timing['peak_rss_bytes'] / 2**20:.0f} MiB")
-    if failures:
-        raise GateFailed(f"{published.name} failed its accuracy gate ({'; '.join(failures)}); it is kept, marked "
-                         f"failed in {mf.manifest_path(published).name}: loosen the budget or try another mode")
     return QuantizeResult(published, m)
 
 
