@@ -16,7 +16,7 @@ BUNDLE ?= dist/policy
 # exit code of a stage whose backend this machine lacks (vla_export.errors.EXIT_UNAVAILABLE): reported as skipped
 SKIP := 4
 
-.PHONY: demo test install data checkpoint export quantize trt aoti validate profile report bundle lint clean help
+.PHONY: demo test install data checkpoint export quantize trt trt-api aoti validate profile report bundle lint clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -51,6 +51,11 @@ trt: quantize
 		$(VLA) trt $(ARTIFACTS)/$$1 --precision $$2; rc=$$?; \
 		if [ $$rc -eq $(SKIP) ]; then echo "trt $$2: SKIPPED (see the line above)"; \
 		elif [ $$rc -ne 0 ]; then exit $$rc; fi; done
+
+# No TensorRT here? Check the trt stage's code against TensorRT's real Python bindings of 8.6 .. 11.4 (names, enum
+# members, call signatures; the libraries are replaced by stubs, so nothing is built or run).
+trt-api: install
+	$(PY) scripts/check_trt_api.py --out $(ARTIFACTS)/trt_api.json
 
 aoti: checkpoint
 	$(VLA) aoti $(CHECKPOINT) -o $(ARTIFACTS) --device cpu --dtype fp32
