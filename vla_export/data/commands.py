@@ -205,10 +205,15 @@ def checkpoint_cmd(out_dir, preset, arch, head, sets, train_dir, episodes_dir, r
     if train_dir:
         create_checkpoint(out_dir, arch=arch, preset=preset or "tiny", overrides=overrides, episodes_dir=train_dir,
                           train=True, settings=settings)
-        tr = json.loads((Path(out_dir) / "config.json").read_text())["training"]
+        config = json.loads((Path(out_dir) / "config.json").read_text())
+        tr = config["training"]
+        names = config.get("action_names") or []  # may name more actions than the model predicts
+        per_action = ", ".join(f"{name} {v:.4f}/{b:.4f}" for name, v, b in zip(
+            names, tr["val_mae_per_action"], tr["baseline_mae_per_action"], strict=False))
         click.echo(f"wrote {out_dir}: val MAE {tr['val_mae']:.4f} vs predict-the-mean baseline "
                    f"{tr['baseline_mae']:.4f} (ratio {tr['mae_ratio_to_baseline']:.2f}) on {tr['val_frames']} "
-                   f"frames of {len(tr['val_episodes'])} held-out episodes; {tr['steps']} steps in {tr['wall_s']} s")
+                   f"frames of {len(tr['val_episodes'])} held-out episodes (per action, val/baseline: {per_action}); "
+                   f"{tr['steps']} steps in {tr['wall_s']} s")
         return
     create_checkpoint(out_dir, arch=arch, preset=preset or "tiny", overrides=overrides, episodes_dir=episodes_dir,
                       train=False, settings=settings)
