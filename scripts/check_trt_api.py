@@ -3,7 +3,7 @@
 
 TensorRT's libraries cannot be installed on this project's machines (the registry's `tensorrt-cu12`/`-cu13`
 packages download them from NVIDIA's index at install time), but the bindings wheels do install: `tensorrt-bindings`
-8.6 and `tensorrt-cu12-bindings` 10.x/11.x, about 1.3 MB each. Their extension module takes only a dozen C entry
+8.6 and `tensorrt-cu12-bindings` 10.x/11.x, about 1.3 MB each. Their extension module takes only 9 to 12 C entry
 points from libnvinfer, libnvonnxparser and libnvinfer_plugin (`createInferBuilder_INTERNAL`, `getPluginRegistry`,
 ...); every other TensorRT call is a C++ virtual call through an object those entry points return. Linked against
 stub libraries whose entry points return NULL, the *real* binding module of that version imports: its classes,
@@ -73,6 +73,10 @@ def log(msg: str) -> None:
 
 
 # -- fetch a bindings wheel and make it importable ------------------------------------------------------------------
+# Marks a finished cache entry; renamed when the stub recipe changes, so older entries are rebuilt.
+READY = "ready-v2"
+
+
 def dist_for(version: str) -> str:
     return "tensorrt-bindings" if int(version.split(".")[0]) < 10 else "tensorrt-cu12-bindings"
 
@@ -80,7 +84,7 @@ def dist_for(version: str) -> str:
 def prepare(version: str, cache: Path) -> Path:
     """`cache/<version>/` with `site/` (the unpacked wheel) and `libs/` (stubs under the sonames it needs)."""
     root = cache / version
-    if (root / "ready").exists():
+    if (root / READY).exists():
         return root
     for tool in ("gcc", "nm", "readelf"):
         if shutil.which(tool) is None:
@@ -88,25 +92,30 @@ def prepare(version: str, cache: Path) -> Path:
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     spec = f"{dist_for(version)}=={version}"
-    found = [w for w in wheels.glob("*.whl") if f"-{version}-" in w.name and w.name.startswith(dist_for(version).replace("-", "_"))]
+    def cached():
+        return [w for w in wheels.glob(f"{dist_for(version).replace('-', '_')}-{version}-*.whl")]
+
+    found = cached()
     if not found:
         log(f"downloading {spec}")
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                                "-d", str(wheels), spec], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"pip download {spec} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-        found = [w for w in wheels.glob("*.whl") if f"-{version}-" in w.name]
+        found = cached()
     tmp = cache / f".{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "libs").mkdir(parents=True)
     with zipfile.ZipFile(found[0]) as zf:
         zf.extractall(tmp / "site")
     ext = next((tmp / "site").glob("tensorrt*/tensorrt*.so"))
-    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(ext)], capture_output=True, text=True,
-                               check=True).stdout.split()
-    # Versioned symbols (GLIBC_, CXXABI_) and the CPython API come from the process; the rest is TensorRT's.
-    symbols = sorted({s for s in undefined if s not in ("U", "w") and "@" not in s and not re.match(r"_?Py", s)
-                      and not s.startswith(("dl", "_ITM_", "__gmon", "__cxa", "pthread"))})
+    nm = subprocess.run(["nm", "-D", "--undefined-only", str(ext)], capture_output=True, text=True,
+                        check=True).stdout
+    # Strong undefined symbols only (weak ones, "w", may stay unresolved). Versioned ones (GLIBC_, CXXABI_), the
+    # CPython API and libdl come from the process; the rest is TensorRT's.
+    undefined = [line.split()[1] for line in nm.splitlines() if line.split()[:1] == ["U"]]
+    symbols = sorted({s for s in undefined if "@" not in s and not re.match(r"_?Py", s)
+                      and not s.startswith(("dl", "__cxa"))})
     (tmp / "stub.c").write_text("".join(f"void *{s}(void) {{ return 0; }}\n" for s in symbols))
     needed = re.findall(r"\[(libnv[^\]]+)\]", subprocess.run(["readelf", "-d", str(ext)], capture_output=True,
                                                              text=True, check=True).stdout)
@@ -114,7 +123,7 @@ def prepare(version: str, cache: Path) -> Path:
         subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp / "libs" / soname), f"-Wl,-soname,{soname}",
                         str(tmp / "stub.c")], check=True)
     (tmp / "stubbed_symbols.txt").write_text("\n".join(symbols) + "\n")
-    (tmp / "ready").write_text(version + "\n")
+    (tmp / READY).write_text(version + "\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
@@ -184,7 +193,6 @@ class SurfaceChecker(ast.NodeVisitor):
     """Resolves `trt.X`, `<TensorRT object>.attr` and calls on them, with types from the bindings' signatures."""
 
     MODULE = ("module",)
-    UNKNOWN = None
 
     def __init__(self, trt):
         self.trt = trt

@@ -88,21 +88,29 @@ def dynamic_int8_onnx(tmp_path, fp32_onnx) -> Path:
     return _write_onnx(out, onnx.load(str(out)))
 
 
-@pytest.fixture
-def qdq_onnx(tmp_path, fp32_onnx) -> Path:
-    """A real onnxruntime `quantize_static` Q/DQ model (symmetric int8, as TensorRT wants)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def _calibration_reader(offset: float = 0.0):
+    """Four random (2, 16) batches for onnxruntime's static quantization."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
             rng = np.random.default_rng(1)
-            self.items = iter([{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(4)])
+            self.items = iter([{"x": rng.standard_normal((2, 16)).astype(np.float32) + offset} for _ in range(4)])
 
         def get_next(self):
             return next(self.items, None)
 
+    return Reader()
+
+
+@pytest.fixture
+def qdq_onnx(tmp_path, fp32_onnx) -> Path:
+    """A real onnxruntime `quantize_static` Q/DQ model (symmetric int8, as TensorRT wants)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     out = tmp_path / "model.int8-static.onnx"
-    quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+    quantize_static(str(fp32_onnx), str(out), _calibration_reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     return _write_onnx(out, onnx.load(str(out)))
 
@@ -110,18 +118,10 @@ def qdq_onnx(tmp_path, fp32_onnx) -> Path:
 @pytest.fixture
 def asymmetric_qdq_onnx(tmp_path, fp32_onnx) -> Path:
     """onnxruntime's default static quantization: uint8 activations with zero points, which TensorRT rejects."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(1)
-            self.items = iter([{"x": rng.standard_normal((2, 16)).astype(np.float32) + 1} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.items, None)
+    from onnxruntime.quantization import QuantFormat, quantize_static
 
     out = tmp_path / "model.asym.onnx"
-    quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ)
+    quantize_static(str(fp32_onnx), str(out), _calibration_reader(offset=1.0), quant_format=QuantFormat.QDQ)
     return _write_onnx(out, onnx.load(str(out)))
 
 

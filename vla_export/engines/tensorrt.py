@@ -271,12 +271,12 @@ def plan_build(features: TrtFeatures, precision: str, onnx_info: OnnxInfo) -> Bu
         raise UserError(f"TensorRT {version} is too old: vla-export needs TensorRT "
                         f"{'.'.join(map(str, MIN_TRT_VERSION))} or newer (execute_async_v3, named I/O tensors)")
     kind = onnx_info.kind
-    has_flag = features.builder_flags.__contains__
-    clear_tf32 = ("TF32",) if has_flag("TF32") else ()
+    flags = features.builder_flags
+    clear_tf32 = ("TF32",) if "TF32" in flags else ()
     if not features.strongly_typed:
         net = ("EXPLICIT_BATCH",) if "EXPLICIT_BATCH" in features.network_flags else ()
         wanted = {"int8": ("INT8", "FP16"), "fp16": ("FP16",), "fp32": ()}[precision]
-        missing = [f for f in wanted if not has_flag(f)]
+        missing = [f for f in wanted if f not in flags]
         if missing:
             raise UserError(f"TensorRT {version} has neither strongly typed networks nor BuilderFlag."
                             f"{'/'.join(missing)}: it cannot build {precision}; report this with the version number")
@@ -295,7 +295,7 @@ def plan_build(features: TrtFeatures, precision: str, onnx_info: OnnxInfo) -> Bu
         if kind == "fp16":
             return BuildPlan(version, precision, kind, strong, (), strongly_typed=True,
                              notes=("fp16 ONNX built strongly typed: the ONNX dtypes are the precision",))
-        if not has_flag("FP16"):
+        if "FP16" not in flags:
             name = Path(onnx_info.path).name
             raise NeedsFp16Onnx(f"TensorRT {version} has no FP16 builder flag (networks are strongly typed), so "
                                 f"{name} (fp32) would build an fp32 engine; pass the fp16 export "
