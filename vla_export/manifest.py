@@ -115,6 +115,48 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide which integer/float kernels ONNX Runtime and PyTorch pick. INT8 results differ
+# between these classes (ORT's U8S8 GEMM on AVX2/AVX-512 without VNNI sums byte pairs into 16 bits and saturates),
+# so every measurement records them and `validate`/`verify` compare them.
+X86_KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+                    "amx_tile", "amx_int8", "amx_bf16")
+ARM_KERNEL_FLAGS = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "fphp", "asimdhp")
+
+
+def _cpuinfo_flags(text: str | None = None) -> set[str]:
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def int8_kernel_class(flags: set[str], arch: str | None = None) -> str:
+    """The class of integer kernels this CPU gets: `vnni` (dot-product int8 on x86: AVX512-VNNI, AVX-VNNI or AMX),
+    `avx2` (no VNNI: U8S8 pairs saturate at 16 bits), `arm64-dot` (SDOT/UDOT), `arm64` or `other`."""
+    arch = (arch or platform.machine()).lower()
+    if arch in ("x86_64", "amd64", "i686", "x86"):
+        if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+            return "vnni"
+        return "avx2" if "avx2" in flags else "other"
+    if arch in ("aarch64", "arm64"):
+        return "arm64-dot" if "asimddp" in flags else "arm64"
+    return "other"
+
+
+def cpu_features(cpuinfo_text: str | None = None, arch: str | None = None) -> dict[str, Any]:
+    """{"arch", "flags": the kernel-relevant ISA features present, "int8_kernels": int8_kernel_class}."""
+    arch = arch or platform.machine()
+    flags = _cpuinfo_flags(cpuinfo_text)
+    wanted = ARM_KERNEL_FLAGS if arch.lower() in ("aarch64", "arm64") else X86_KERNEL_FLAGS
+    return {"arch": arch, "flags": [f for f in wanted if f in flags], "int8_kernels": int8_kernel_class(flags, arch)}
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "hostname": platform.node(),
@@ -122,6 +164,7 @@ def machine_info() -> dict[str, Any]:
         "arch": platform.machine(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_features": cpu_features(),
     }
     try:
         import torch
