@@ -266,7 +266,10 @@ def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     Write all files of an artifact here, check them, then `publish()` them; anything left is deleted, so an
     exception (disk full, failed check) leaves no partial artifact behind."""
     out_dir = check_writable_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    except OSError as e:  # e.g. /proc: it exists and root may "write" there, but nothing can be created in it
+        raise UserError(f"cannot write into {out_dir} ({e.strerror}); choose a writable -o/--output") from e
     try:
         yield tmp
     except OSError as e:
