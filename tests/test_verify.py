@@ -180,8 +180,8 @@ def test_policy_load_runs_the_quick_self_test_and_refuses_a_failing_artifact(mad
 
 
 def test_judged_elsewhere_names_the_missing_features():
-    from vla_export.deploy.verify import judged_elsewhere
     from vla_export.manifest import cpu_features
+    from vla_export.manifest import isa_difference as judged_elsewhere
 
     vnni_cpuinfo = "processor : 0\nflags : fpu sse avx2 fma avx512f avx512bw avx512_vnni\n"
     avx2_cpuinfo = "processor : 0\nflags : fpu sse avx2 fma\n"
@@ -248,3 +248,26 @@ def test_aoti_compiled_on_the_target_joins_the_bundle_and_is_verified(made, tmp_
     # a second call is a no-op that keeps the bundle verified
     assert _cli("aoti", "--bundle", bundle).exit_code == 0
     verify_bundle(bundle)
+
+
+def test_validate_says_when_the_artifact_was_gated_on_another_cpu(made, tmp_path):
+    from vla_export import manifest as mf
+    from vla_export.validate.validate import validate
+
+    arts = tmp_path / "artifacts"
+    shutil.copytree(made["artifact"].parent, arts)
+    m = mf.read_manifest(arts / "model.onnx")
+    assert m["metrics"] and m["machine"]["cpu_features"] == mf.cpu_features()  # export gated it on this machine
+    report = validate([arts], n=2, batch_sizes=(1,), progress=False)
+    assert report["results"][0]["judged_elsewhere"] is None
+    here = mf.cpu_features()
+    # the record of an export on an ARM board (the manifest's own JSON; the artifact files are unchanged)
+    m["machine"] = {**m["machine"], "cpu": "Cortex-A78AE", "arch": "aarch64",
+                    "cpu_features": {"arch": "aarch64", "flags": ["asimd", "asimddp"], "int8_kernels": "arm64-dot"}}
+    (arts / "model.onnx.json").write_text(json.dumps(m))
+    report = validate([arts], n=2, batch_sizes=(1,), progress=False)
+    (row,) = report["results"]
+    assert row["status"] == "passed"  # judged here, with this machine's numbers
+    assert "gated by `export` on Cortex-A78AE" in row["judged_elsewhere"]
+    assert f"int8 kernels {here['int8_kernels']}" in row["judged_elsewhere"]
+    assert report["machine"]["cpu_features"] == here

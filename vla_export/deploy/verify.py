@@ -80,24 +80,6 @@ def measure_latency(policy, test, warmup: int, iters: int, rate_hz: float) -> di
             "failures": failures, "passed": not failures}
 
 
-def judged_elsewhere(recorded: dict[str, Any] | None, here: dict[str, Any]) -> str | None:
-    """A note when the artifact was validated on a CPU whose kernel-relevant features differ from this one's."""
-    if not recorded:
-        return None
-    theirs = recorded.get("cpu_features") or {}
-    mine = here.get("cpu_features") or {}
-    if not theirs:
-        return (f"validated on {recorded.get('cpu', 'an unrecorded CPU')} without a record of its ISA features; "
-                "judged here")
-    if set(theirs.get("flags", [])) == set(mine.get("flags", [])) and theirs.get("arch") == mine.get("arch"):
-        return None
-    lost = [f for f in theirs.get("flags", []) if f not in mine.get("flags", [])]
-    gained = [f for f in mine.get("flags", []) if f not in theirs.get("flags", [])]
-    return (f"validated on {recorded.get('cpu')} ({theirs.get('arch')}, int8 kernels {theirs.get('int8_kernels')}), "
-            f"judged here on {here.get('cpu')} ({mine.get('arch')}, int8 kernels {mine.get('int8_kernels')}; "
-            f"missing here: {', '.join(lost) or 'none'}; only here: {', '.join(gained) or 'none'})")
-
-
 def _runtime_record(policy) -> dict[str, Any]:
     desc = policy.runner.describe()
     versions = mf.tool_versions()
@@ -130,8 +112,7 @@ def verify_artifact(bundle_dir: Path, name: str, entry: dict[str, Any], test, bu
         row["parity"] = run_parity(policy.runner, test, budget)
         row["end_to_end"] = run_end_to_end(policy, test, budget)
         row["latency"] = measure_latency(policy, test, warmup, iters, rate_hz)
-    row["judged_elsewhere"] = judged_elsewhere((entry.get("validation") or {}).get("machine") or validation_machine,
-                                               machine)
+    row["judged_elsewhere"] = mf.isa_difference((entry.get("validation") or {}).get("machine") or validation_machine, machine)
     row["failures"] = row["parity"]["failures"] + row["end_to_end"]["failures"] + row["latency"]["failures"]
     row["status"] = "failed" if row["failures"] else "passed"
     return row
