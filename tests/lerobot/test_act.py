@@ -142,23 +142,29 @@ def test_policy_act_matches_lerobot_select_action_with_an_action_queue(act_pipel
 
 
 def test_policy_act_matches_lerobot_temporal_ensembling(act_pipeline, tmp_path):
-    """Same weights, temporal_ensemble_coeff 0.01 (the model runs every step, chunks are averaged)."""
+    """The same weights saved with temporal_ensemble_coeff 0.01 (the model runs every step, chunks are averaged).
+
+    Only the processor differs from the exported policy's (the weights are asserted equal), so the exported graph is
+    reused with the imported ensembling processor instead of exporting the same network a second time."""
     from click.testing import CliRunner
+    from safetensors.torch import load_file
 
     from vla_export.cli import main
     from vla_export.deploy import Policy
-    from vla_export.deploy.bundle import make_bundle
-    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
+    from vla_export.processors import Processor
 
     pretrained = save_pretrained_act(tmp_path / "pretrained_model", n_action_steps=1, temporal_ensemble_coeff=0.01)
     assert CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o",
                                      str(tmp_path / "ckpt")]).exit_code == 0
-    artifact = export_checkpoint(tmp_path / "ckpt", tmp_path / "artifacts",
-                                 ExportOptions(n_inputs=1, batch_sizes=(1,), quiet=True)).artifact
-    make_bundle(artifact, tmp_path / "bundle")
+    same, exported = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(
+        str(act_pipeline["checkpoint"] / "model.safetensors"))
+    assert set(same) == set(exported) and all(torch.equal(same[k], exported[k]) for k in same)
+    processor = Processor.load(tmp_path / "ckpt")
+    assert processor.postprocessor[0].cfg["temporal_ensemble_coeff"] == 0.01
     obs = observations(CHUNK + 3, seed=5)  # past one chunk: every step averages up to CHUNK predictions
     want = lerobot_actions(pretrained, obs)
-    with Policy.load(tmp_path / "bundle", backend="onnxruntime") as policy:
+    with Policy.load(act_pipeline["bundle"], backend="onnxruntime") as policy:
+        policy.processor = processor
         got = np.stack([policy.act(o) for o in obs])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
