@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from vla_export.io_spec import Dim, IOSpec, TensorSpec
@@ -24,3 +27,50 @@ def build(cfg):
         dims={"batch": Dim("batch", 1, 1, 8)},
     )
     return TinyMLP(width).eval(), spec
+
+
+# -- a plug-in with its own processor (issue 12): 96x96 camera + instruction, its own tokenizer and action stats ----
+TOKENIZER_DIR = Path(__file__).parent / "data"  # plugin_tokenizer.json: a word-level tokenizer of the plug-in's own
+IMAGE_SIZE, TEXT_LEN, VOCAB = 96, 12, 64
+ACTION_MEAN, ACTION_STD = [0.1, -0.05], [0.3, 0.2]
+
+
+class VisionTextPolicy(nn.Module):
+    """A conv image encoder (96x96) + a token-embedding text encoder -> fused MLP -> 2 normalised actions."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(3, width, 5, stride=4), nn.ReLU(), nn.Conv2d(width, width, 3, stride=2),
+                                   nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.embed = nn.Embedding(VOCAB, width)
+        self.head = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, 2))
+
+    def forward(self, pixels, token_ids, token_mask):
+        mask = token_mask.to(pixels.dtype).unsqueeze(-1)
+        text = (self.embed(token_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(torch.cat([self.image(pixels), text], dim=-1))
+
+
+def vision_text_processor():
+    from vla_export.processors import ImageStep, Processor, RenameStep, TokenizeStep, UnnormalizeStep
+
+    return Processor(
+        {"observation.image": {"type": "image"}, "task": {"type": "text"}},
+        [ImageStep(["observation.image"], size=[IMAGE_SIZE, IMAGE_SIZE], mean=[0.485, 0.456, 0.406],
+                   std=[0.229, 0.224, 0.225]),
+         TokenizeStep("task", "plugin_tokenizer.json", max_length=TEXT_LEN, ids="token_ids", mask="token_mask"),
+         RenameStep({"observation.image": "pixels", "token_ids": "token_ids", "token_mask": "token_mask"})],
+        [UnnormalizeStep.with_stats({"action": "mean_std"}, {"action": {"mean": ACTION_MEAN, "std": ACTION_STD}})],
+        action_dim=2, base_dir=TOKENIZER_DIR)
+
+
+def build_vision_text(cfg):
+    width = int(cfg.get("width", 8))
+    spec = IOSpec(
+        inputs=[TensorSpec("pixels", "float32", ("batch", 3, IMAGE_SIZE, IMAGE_SIZE)),
+                TensorSpec("token_ids", "int64", ("batch", TEXT_LEN)),
+                TensorSpec("token_mask", "int64", ("batch", TEXT_LEN))],
+        outputs=[TensorSpec("actions", "float32", ("batch", 2), "normalised; the processor unnormalises")],
+        dims={"batch": Dim("batch", 1, 1, 8)},
+    )
+    return VisionTextPolicy(width).eval(), spec, vision_text_processor()

@@ -49,8 +49,9 @@ def test_bundle_carries_a_hashed_self_test_set_of_real_frames(made):
     assert SELFTEST_ARRAYS in info["files"] and SELFTEST_INFO in info["files"]
     test = SelfTest(made["bundle"])
     assert "validation split" in test.info["frames_from"]
-    assert test.images.dtype == np.uint8 and test.images.ndim == 4 and len(test.instructions) == len(test.images)
-    assert test.ref_actions.shape == (len(test.images), 2)
+    images, texts = test.observations["image"], test.observations["instruction"]
+    assert images.dtype == np.uint8 and images.ndim == 4 and len(texts) == len(images) == test.frames
+    assert test.ref_actions.shape == (test.frames, 2) and not test.uses_processor
     assert set(test.reference) == {"actions"} and len(test.reference["actions"]) == test.info["feeds"]
     # the reference really is the checkpoint's fp32 model on those inputs
     from vla_export.checkpoint import load_checkpoint

@@ -97,10 +97,16 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, config: dict[str, Any],
-                    extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
-    """Write a native checkpoint directory atomically (staged beside it, renamed when complete)."""
+                    extra_files: dict[str, str | os.PathLike] | None = None, processor: Any = None) -> Path:
+    """Write a native checkpoint directory atomically (staged beside it, renamed when complete).
+
+    `processor` (a `vla_export.processors.Processor`; default: the one the architecture declares, if any) is
+    written beside the weights as processor.json + processor.safetensors + the files its steps name."""
     from safetensors.torch import save_file
 
+    if processor is None:
+        make_processor = get_architecture(config["architecture"]).processor
+        processor = make_processor(config["model_config"]) if make_processor else None
     out_dir = Path(out_dir)
     with staging_dir(out_dir.parent if out_dir.parent != Path("") else Path(".")) as tmp:
         stage = tmp / out_dir.name
@@ -110,6 +116,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, config: dict[s
         save_file(state, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, stage / name)
+        if processor is not None:
+            processor.save(stage)
         (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for p in stage.iterdir():
             os.chmod(p, 0o644)

@@ -135,6 +135,9 @@ def _parse_renames(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--random", "random_weights", is_flag=True, help="Write an untrained checkpoint (for pipeline tests).")
 @click.option("--from", "from_path", type=click.Path(), default=None,
               help="Import an existing checkpoint (native directory or legacy .pth) into the native format.")
+@click.option("--from-lerobot", "from_lerobot", type=click.Path(), default=None,
+              help="Import a LeRobot pretrained_model folder (config.json, model.safetensors, policy processor "
+              "files); needs pip install 'vla-export[lerobot]'.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow arbitrary pickled objects in a --from .pth file "
               "(runs code from the file: only for files you trust).")
 @click.option("--rename", "renames", multiple=True, metavar="OLD=NEW",
@@ -155,7 +158,7 @@ def _parse_renames(items: tuple[str, ...]) -> dict[str, str]:
               help="Torch CPU threads for training (default: the cores not busy with other processes).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
 def checkpoint_cmd(out_dir, preset, arch, head, sets, train_dir, episodes_dir, random_weights, from_path,
-                   trust_checkpoint, renames, kosmos_pretrained, clip_pretrained, seed, time_budget, epochs, lr,
+                   from_lerobot, trust_checkpoint, renames, kosmos_pretrained, clip_pretrained, seed, time_budget, epochs, lr,
                    batch_size, val_fraction, max_episodes, threads, no_progress):
     """Create a native policy checkpoint: train on episodes, random weights, or import an existing checkpoint.
 
@@ -167,13 +170,21 @@ def checkpoint_cmd(out_dir, preset, arch, head, sets, train_dir, episodes_dir, r
       vla-export checkpoint --preset tiny --train data/episodes -o checkpoints/demo
       vla-export checkpoint --preset tiny --random -o checkpoints/random
       vla-export checkpoint --from old/best_model.pth --preset full -o checkpoints/imported --rename module.=
+      vla-export checkpoint --from-lerobot outputs/train/act/checkpoints/last/pretrained_model -o checkpoints/act
     """
     from vla_export.training import DEFAULT_TIME_BUDGET_S, TrainSettings, create_checkpoint
 
-    modes = [m for m, on in (("--train", train_dir), ("--random", random_weights), ("--from", from_path)) if on]
+    modes = [m for m, on in (("--train", train_dir), ("--random", random_weights), ("--from", from_path),
+                             ("--from-lerobot", from_lerobot)) if on]
     if len(modes) != 1:
-        raise UserError("choose exactly one of --train DIR, --random or --from PATH"
+        raise UserError("choose exactly one of --train DIR, --random, --from PATH or --from-lerobot DIR"
                         + (f" (got {' and '.join(modes)})" if modes else ""))
+    if from_lerobot:
+        from vla_export.lerobot.convert import import_lerobot
+
+        import_lerobot(from_lerobot, out_dir)
+        click.echo(f"imported LeRobot policy {from_lerobot} -> {out_dir}")
+        return
     for name, value in (("--threads", threads), ("--epochs", epochs), ("--batch-size", batch_size),
                         ("--max-episodes", max_episodes)):
         if value is not None and value < 1:

@@ -214,8 +214,6 @@ class Preprocessor:
     # -- images ------------------------------------------------------------------------------------------------------
     def pixel_values(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """[B,3,S,S] float32 from one HxWx3 uint8 image, a [B,H,W,3] array, or a list of images (sizes may differ)."""
-        import torch
-
         if isinstance(images, np.ndarray) and images.ndim == 4:
             groups = [check_image_batch(images)]
         elif isinstance(images, np.ndarray) and images.ndim == 3:
@@ -226,16 +224,10 @@ class Preprocessor:
         else:
             raise UserError(f"images must be an RGB uint8 HxWx3 array or a list/array of them, got "
                             f"{describe(images)}")
-        out = []
+        from vla_export.processors.steps import pixels_from_uint8  # the processors' `image` step runs the same code
+
         s = self.image_size
-        mean = torch.from_numpy(self.mean).view(1, 3, 1, 1)
-        std = torch.from_numpy(self.std).view(1, 3, 1, 1)
-        for group in groups:
-            x = torch.from_numpy(np.ascontiguousarray(group)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-            if x.shape[-2:] != (s, s):
-                x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
-                                                    antialias=True)
-            out.append(((x - mean) / std).contiguous().numpy())
+        out = [pixels_from_uint8(group, (s, s), self.mean, self.std) for group in groups]
         return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
 
     def __call__(self, images, instructions: str | Sequence[str]) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 `load_task_data` reproduces the training split (seed and fraction from config.json `training` when the checkpoint
 was trained here) so validation measures held-out episodes, orders frames by episode then time (an LSTM rollout
 carries state within an episode and resets it at the next), and preprocesses with the checkpoint's own
-`Preprocessor`. `calibration_frames` draws INT8 calibration inputs from the train split, never from validation.
+`Preprocessor` (or, for a checkpoint with its own processor.json, that processor). `calibration_frames` draws INT8 calibration inputs from the train split, never from validation.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from vla_export.data.episodes import list_episodes, load_episode, split_episodes
 from vla_export.data.preprocess import Preprocessor
 from vla_export.errors import UserError
+from vla_export.processors import frame_preprocessor
 
 SPLITS = ("train", "val", "all")
 
@@ -71,7 +72,7 @@ def load_task_data(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.Pat
                    max_frames: int | None = None, max_episodes: int | None = None,
                    preprocessor: Preprocessor | None = None) -> TaskData:
     """Preprocessed frames + ground-truth actions of one split, ordered by episode then time."""
-    pre = preprocessor or Preprocessor.from_checkpoint(checkpoint_dir)
+    pre = preprocessor or frame_preprocessor(checkpoint_dir)
     action_dim = int(pre.model_config.get("action_dim", 2))
     parts: list[dict[str, np.ndarray]] = []
     actions, names, times = [], [], []
@@ -106,7 +107,7 @@ def calibration_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os
     Recurrent-state inputs (LSTM h/c) are not included; add `spec.initial_state(batch)` or rolled-out states."""
     if n < 1:
         raise UserError(f"need at least one calibration frame, got {n}")
-    pre = Preprocessor.from_checkpoint(checkpoint_dir)
+    pre = frame_preprocessor(checkpoint_dir)
     paths = select_episodes(checkpoint_dir, episodes_dir, "train")
     rng = np.random.default_rng(seed)
     episodes = [load_episode(p) for p in paths]

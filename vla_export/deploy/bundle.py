@@ -2,7 +2,8 @@
 
 A bundle holds the artifact (with its external data) and its manifest, a `config.json` that
 `data.preprocess.Preprocessor.from_checkpoint` reads (the checkpoint's config without its training section), the
-tokenizer files that config names, and `bundle.json`: action names/units and their Twist fields, the preprocessing
+tokenizer files that config names (or, for a checkpoint with its own processor, processor.json and the files it
+names instead: `vla_export.processors`), and `bundle.json`: action names/units and their Twist fields, the preprocessing
 summary, the artifact's validation and profile rows (or "not validated"/"not profiled"), and the sha256 and size of
 every file. Nothing from the training side travels: no weights, optimizer state or episodes.
 
@@ -262,7 +263,12 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
     missing = [p.name for p in art_files if not p.exists()]
     if missing:
         raise UserError(f"artifact {artifact.name} is incomplete: {', '.join(missing)} missing; rebuild it")
-    pre_files = _preprocessing_files(ckpt, config)
+    from vla_export.processors import has_processor, processor_files
+
+    # A checkpoint with its own processor (processor.json) carries exactly the files its steps name; the hybrid's
+    # tokenizer files and preprocessing section do not travel with it.
+    with_processor = has_processor(ckpt)
+    pre_files = processor_files(ckpt) if with_processor else _preprocessing_files(ckpt, config)
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -296,6 +302,8 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
         if with_weights:
             shutil.copyfile(weights, stage / weights.name)
         deploy_config = {**config, "training": {}}
+        if with_processor:
+            deploy_config["preprocessing"] = {"processor": pre_files[0]}
         (stage / CONFIG_FILE).write_text(json.dumps(deploy_config, indent=2) + "\n")
         log(f"self-test set: fp32 reference on {DEFAULT_FEEDS} inputs and {DEFAULT_FRAMES} frames")
         selftest = build_selftest(ckpt, config, stage, budgets or resolve_tolerances(),
@@ -318,7 +326,7 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
             "device": manifest.get("device"),
             "config": CONFIG_FILE,
             "architecture": config.get("architecture"),
-            "preprocessing": preprocessing_summary(config),
+            "preprocessing": preprocessing_summary(deploy_config),
             "actions": {"names": names, "units": units,
                         "twist": {n: TWIST_FIELDS[n] for n in names if n in TWIST_FIELDS}},
             "source": {"artifact": str(artifact.resolve()), "artifact_sha256": manifest.get("sha256"),

@@ -155,7 +155,7 @@ class Policy:
     """A loaded bundle. `act(image, instruction)` -> actions; `reset()` at the start of each episode."""
 
     def __init__(self, bundle_dir: Path, info: dict[str, Any], runner, preprocessor, candidate: Candidate,
-                 reason: str, preprocess_threads: int | None = 1):
+                 reason: str, preprocess_threads: int | None = 1, processor=None):
         self.bundle_dir = bundle_dir
         self.info = info
         self.runner = runner
@@ -168,11 +168,15 @@ class Policy:
         self.preprocess_threads = preprocess_threads
         self._state: dict[str, np.ndarray] | None = None
         self.selftest: dict[str, Any] | None = None
+        # The bundle's own processor (vla_export.processors), when it has one: observations -> feeds, outputs ->
+        # actions (normalisation, action chunks). Without one, `preprocessor` is the hybrid's Preprocessor.
+        self.processor = processor
 
     # -- loading ----------------------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", *, verify: bool = True,
-             threads: int | None = None, preprocess_threads: int | None = 1, artifact: str | None = None) -> "Policy":
+             threads: int | None = None, preprocess_threads: int | None = 1, artifact: str | None = None,
+             step_modules: Sequence[str] = ()) -> "Policy":
         """Verify the bundle (sha256 of every file), build its preprocessing, open its artifact on `backend`, and
         run the quick part of the bundle's self-test on this machine (`verify=False` skips both).
 
@@ -191,7 +195,12 @@ class Policy:
         `preprocess_threads`: torch threads while resizing a frame (None: leave torch's setting). One frame's
         resize takes ~1 ms on one thread; spread over threads it only adds synchronisation, which on a busy CPU
         (a robot's, or a shared machine) costs far more: measured p50 0.8 ms with 1 thread vs 116 ms with 2 on a
-        loaded 2-core machine."""
+        loaded 2-core machine.
+
+        `step_modules`: modules to import first, which register processor steps written in Python
+        (`vla_export.processors.register_step`) that the bundle's processor.json names."""
+        import importlib
+
         from vla_export.data.preprocess import Preprocessor
         from vla_export.deploy.bundle import read_bundle, verify_bundle
         from vla_export.runtime import open_runner
@@ -206,7 +215,15 @@ class Policy:
                 raise UserError(f"bundle {bundle_dir} holds no artifact {artifact!r}; it holds {', '.join(held)}")
             info = {**info, "artifact": artifact, **{k: held[artifact].get(k) for k in ("backend", "precision",
                                                                                         "variant", "device")}}
-        preprocessor = Preprocessor.from_checkpoint(bundle_dir)
+        from vla_export.processors import Processor, has_processor
+
+        for module in step_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise UserError(f"cannot import processor step module {module!r} ({e}); check it is installed") from e
+        processor = Processor.load(bundle_dir) if has_processor(bundle_dir) else None
+        preprocessor = None if processor is not None else Preprocessor.from_checkpoint(bundle_dir)
         candidates = backend_candidates(info, backend)
         artifact = bundle_dir / info["artifact"]
         failures = []
@@ -229,7 +246,7 @@ class Policy:
             if failures:
                 reason += f"; skipped {'; '.join(failures)}"
             log.info("policy: %s on %s: backend %s, %s", info["artifact"], bundle_dir, cand.describe(), reason)
-            policy = cls(bundle_dir, info, runner, preprocessor, cand, reason, preprocess_threads)
+            policy = cls(bundle_dir, info, runner, preprocessor, cand, reason, preprocess_threads, processor)
             if verify:
                 policy.run_selftest(quick=True)
             return policy
@@ -277,8 +294,11 @@ class Policy:
 
     # -- inference ------------------------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new episode: the recurrent state goes back to zeros (`spec.initial_state`)."""
+        """Start a new episode: the recurrent state goes back to zeros (`spec.initial_state`), queued actions and
+        ensembles of the processor are dropped."""
         self._state = None
+        if self.processor is not None:
+            self.processor.reset()
 
     def preprocess(self, images: np.ndarray | Sequence[np.ndarray], instruction: str | Sequence[str]
                    ) -> dict[str, np.ndarray]:
@@ -294,22 +314,45 @@ class Policy:
         if not isinstance(instruction, str) and not (isinstance(instruction, (list, tuple))
                                                      and all(isinstance(t, str) for t in instruction)):
             raise UserError(f"instruction must be a string (or one per image), got {type(instruction).__name__}")
+        if self.processor is not None:
+            return self._with_threads(self.processor.preprocess, self.observation(images, instruction))
+        return self._with_threads(self.preprocessor, images, instruction)
+
+    def _with_threads(self, fn, *args):
         if not self.preprocess_threads:
-            return self.preprocessor(images, instruction)
+            return fn(*args)
         import torch
 
         saved = torch.get_num_threads()
         torch.set_num_threads(self.preprocess_threads)
         try:
-            return self.preprocessor(images, instruction)
+            return fn(*args)
         finally:
             torch.set_num_threads(saved)
 
+    def observation(self, images, instruction) -> dict[str, Any]:
+        """(camera frame(s), instruction) as an observation dict for a processor with one camera (+ text)."""
+        cams, text = self.processor.image_keys, self.processor.text_key
+        extra = [k for k in self.processor.observation if k not in cams and k != text]
+        if len(cams) != 1 or extra:
+            raise UserError(f"this policy observes {sorted(self.processor.observation)}: pass an observation dict "
+                            "to act(), not an image and an instruction")
+        if isinstance(images, (list, tuple)):
+            images = np.stack(images)
+        obs: dict[str, Any] = {cams[0]: images}
+        if text is not None:
+            obs[text] = instruction
+        return obs
+
     def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Actions [B, action_dim] for preprocessed feeds; feeds the recurrent state in and carries it out."""
+        return np.asarray(self.run(feeds)["actions"], dtype=np.float32)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """All model outputs for preprocessed feeds; feeds the recurrent state in and carries it out."""
         from vla_export.validate.validate import cast_feeds
 
-        b = int(feeds["pixel_values"].shape[0])
+        b = int(next(iter(feeds.values())).shape[0])
         if self.spec.state:
             if self._state is None:
                 self._state = self.spec.initial_state(b)
@@ -318,19 +361,47 @@ class Policy:
                 raise UserError(f"the policy holds recurrent state for batch {held}, got batch {b}; call reset() "
                                 "before changing the batch size")
             feeds = {**feeds, **self._state}
-        return self.postprocess(self.runner.infer(cast_feeds(feeds, self.spec)))
+        return self.keep_state(self.runner.infer(cast_feeds(feeds, self.spec)))
 
-    def postprocess(self, out: dict[str, np.ndarray]) -> np.ndarray:
-        """Model outputs -> actions [B, action_dim]; keeps the recurrent state for the next call."""
+    def keep_state(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Keep the recurrent state of `out` for the next call; returns `out`."""
         from vla_export.io_spec import NUMPY_DTYPES
 
         if self.spec.state:
             self._state = {inp: out[o].astype(NUMPY_DTYPES[self.spec.tensor(inp).dtype])
                            for o, inp in self.spec.state.items()}
+        return out
+
+    def postprocess(self, out: dict[str, np.ndarray]) -> np.ndarray:
+        """Model outputs -> actions [B, action_dim]: the recurrent state kept, then the processor's steps
+        (de-normalisation, action chunks) when the bundle has one. What `verify` times as postprocessing."""
+        self.keep_state(out)
+        if self.processor is not None:
+            return self.processor.postprocess(out)
         return np.asarray(out["actions"], dtype=np.float32)
 
-    def act(self, image: np.ndarray | Sequence[np.ndarray], instruction: str | Sequence[str]) -> np.ndarray:
-        """Actions for one RGB uint8 HxWx3 frame ([action_dim]) or a batch ([B, action_dim])."""
+    def act(self, image: np.ndarray | Sequence[np.ndarray] | dict[str, Any],
+            instruction: str | Sequence[str] | None = None) -> np.ndarray:
+        """Actions for one RGB uint8 HxWx3 frame ([action_dim]) or a batch ([B, action_dim]).
+
+        A policy with a processor also takes an observation dict (`observation.images.<cam>`, `observation.state`,
+        `task`, as its processor.json declares), one frame or a batch; action chunks are executed one action per
+        call (queued, or temporally ensembled) until `reset()`."""
+        if self.processor is not None:
+            if isinstance(image, dict):
+                obs = image
+            else:
+                if isinstance(image, np.ndarray) and image.ndim == 3:
+                    image = check_image(image)
+                obs = self.observation(image, instruction)
+            _, single = self.processor.batch_observation(obs)  # refuses bad input even when an action is queued
+            if self.processor.pending():
+                actions = self.processor.postprocess(None)
+            else:
+                actions = self.processor.postprocess(self.run(self._with_threads(self.processor.preprocess, obs)))
+            return actions[0] if single else actions
+        if isinstance(image, dict) or instruction is None:
+            raise UserError("this policy takes act(image, instruction): an RGB uint8 HxWx3 frame and a string")
         single = isinstance(image, np.ndarray) and image.ndim == 3
         actions = self.infer(self.preprocess(image, instruction))
         return actions[0] if single else actions

@@ -7,10 +7,11 @@ itself. So `bundle` stores, hashed like every other file:
 - `selftest.npz` (no pickles: `np.load(allow_pickle=False)`):
   - `feed.<input>`: K preprocessed inputs (recurrent state at its initial value), and `ref.<output>`: the fp32
     PyTorch reference's outputs on them;
-  - `frame.images`: M raw RGB frames, and `frame.ref_actions`: the reference's actions for them, computed from the
-    frames through the bundle's own preprocessing (so `Policy` end to end is checked, preprocessing included);
-- `selftest.json`: the instructions of the M frames, the budgets (the validate gate table), where the frames came
-  from, and the machine and versions that computed the reference.
+  - `obs.<key>`: M raw observations as the policy observes them (RGB uint8 frames per camera, state vectors), and
+    `frame.ref_actions`: the first action the policy acts on for each, from a reset, computed through the bundle's
+    own pre/post-processing (so `Policy` end to end is checked, processing included);
+- `selftest.json`: the observation schema and texts (instructions), the budgets (the validate gate table), where
+  the observations came from, and the machine and versions that computed the reference.
 
 `run_parity` and `run_end_to_end` judge an opened runner / `Policy` against it; `verify` (deploy/verify.py) and
 `Policy.load` (its quick part: the first `QUICK_FEEDS` inputs and `QUICK_FRAMES` frames) call them.
@@ -34,6 +35,9 @@ DEFAULT_FEEDS = 8  # K: parity inputs (seeded example inputs of the IO spec, eve
 DEFAULT_FRAMES = 8  # M: raw frames for the end-to-end check
 QUICK_FEEDS = 2
 QUICK_FRAMES = 1
+# A bundle without processor.json (the built-in hybrid) observes one camera frame and an instruction.
+IMAGE_KEY, TEXT_KEY = "image", "instruction"
+HYBRID_SCHEMA = {IMAGE_KEY: {"type": "image"}, TEXT_KEY: {"type": "text"}}
 
 
 # -- building (at bundle time, where the checkpoint is) ----------------------------------------------------------------
@@ -51,50 +55,89 @@ def _frames_from_episodes(ckpt_dir: Path, episodes_dir: Path, m: int) -> tuple[n
     return images, instructions, f"validation split of {episodes_dir.resolve()}"
 
 
-def _synthetic_frames(config: dict[str, Any], m: int, seed: int) -> tuple[np.ndarray, list[str], str]:
-    """Seeded noise frames when no episodes are at hand: they still check preprocessing + artifact end to end."""
-    size = int((config.get("preprocessing") or {}).get("image_size") or 96)
+def _synthetic_observations(schema: dict[str, dict[str, Any]], m: int, seed: int, instruction: str
+                            ) -> dict[str, Any]:
+    """Seeded observations of a processor's schema when no episodes fit it: RGB uint8 frames at the schema's size
+    (64x64 when it names none), standard-normal state vectors, the default instruction. They check preprocessing +
+    artifact + postprocessing end to end, not task skill."""
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(m, size, size, 3), dtype=np.uint8)
+    obs: dict[str, Any] = {}
+    for key, info in schema.items():
+        shape = list(info.get("shape") or [])
+        if info["type"] == "image":
+            h, w = (shape[1:] if len(shape) == 3 and shape[0] == 3 else shape[:2]) or (64, 64)
+            obs[key] = rng.integers(0, 256, size=(m, int(h), int(w), 3), dtype=np.uint8)
+        elif info["type"] == "state":
+            obs[key] = rng.standard_normal((m, int(shape[0]) if shape else 1)).astype(np.float32)
+        else:
+            obs[key] = [instruction] * m
+    return obs
+
+
+def _observations(ckpt_dir: Path, config: dict[str, Any], schema: dict[str, dict[str, Any]],
+                  episodes: Path | None, m: int, seed: int) -> tuple[dict[str, Any], str]:
+    """The M raw observations of the self-test, keyed as the policy observes them (`schema`)."""
+    images = [k for k, v in schema.items() if v["type"] == "image"]
+    texts = [k for k, v in schema.items() if v["type"] == "text"]
+    if episodes is not None and len(images) == 1 and len(schema) == len(images) + len(texts):
+        frames, instructions, origin = _frames_from_episodes(ckpt_dir, episodes, m)  # episodes: one camera + text
+        return {images[0]: frames, **{k: instructions for k in texts}}, origin
     instruction = str((config.get("preprocessing") or {}).get("default_instruction") or "")
-    return images, [instruction] * m, f"synthetic noise frames (seed {seed}); pass --episodes for real frames"
+    why = "" if episodes is None else f" ({episodes} holds one camera and an instruction; this policy observes more)"
+    return (_synthetic_observations(schema, m, seed, instruction),
+            f"synthetic observations (seed {seed}){why}; pass --episodes for real frames")
 
 
 def build_selftest(ckpt_dir: Path, config: dict[str, Any], stage: Path, budgets: dict[str, Any], *,
                    episodes: Path | None = None, feeds_n: int = DEFAULT_FEEDS, frames_n: int = DEFAULT_FRAMES,
                    seed: int = 0, load_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compute the reference on K inputs and M frames and write selftest.npz + selftest.json into `stage`.
+    """Compute the reference on K inputs and M raw observations; write selftest.npz + selftest.json into `stage`.
 
-    `stage` already holds the bundle's config.json and preprocessing files: the frames are preprocessed by exactly
-    what the robot will load."""
+    `stage` already holds the bundle's config.json and pre/post-processing files: the observations are processed by
+    exactly what the robot will load (the bundle's processor.json when it has one, else the hybrid's
+    preprocessing), and the reference action of each is the first action the policy would act on from a reset."""
     from vla_export.checkpoint import load_checkpoint
     from vla_export.data.preprocess import Preprocessor
+    from vla_export.processors import Processor, has_processor
     from vla_export.runtime import TorchRunner
 
     ckpt = load_checkpoint(ckpt_dir, **(load_kwargs or {}))
     spec = ckpt.spec
     feeds = spec.example_inputs(batch=feeds_n, seed=seed + 1000)
     feeds |= {k: v for k, v in spec.initial_state(feeds_n).items() if k not in feeds}
-    if episodes is not None:
-        images, instructions, origin = _frames_from_episodes(ckpt_dir, Path(episodes), frames_n)
-    else:
-        images, instructions, origin = _synthetic_frames(config, frames_n, seed)
-    pre = Preprocessor.from_checkpoint(stage)
-    frame_feeds = pre(list(images), instructions)
-    frame_feeds |= {k: v for k, v in spec.initial_state(len(images)).items() if k not in frame_feeds}
+    processor = Processor.load(stage) if has_processor(stage) else None
+    schema = processor.observation if processor is not None else HYBRID_SCHEMA
+    obs, origin = _observations(ckpt_dir, config, schema, Path(episodes) if episodes else None, frames_n, seed)
+    m = len(next(iter(obs.values())))
     with TorchRunner(ckpt.model, spec, name="pytorch-fp32-reference") as ref:
         ref_out = ref.infer(feeds)
-        frame_out = ref.infer(frame_feeds)
+        if processor is None:
+            pre = Preprocessor.from_checkpoint(stage)
+            frame_feeds = pre(list(obs[IMAGE_KEY]), obs[TEXT_KEY])
+            frame_feeds |= {k: v for k, v in spec.initial_state(m).items() if k not in frame_feeds}
+            ref_actions = np.asarray(ref.infer(frame_feeds)["actions"], dtype=np.float32)
+        else:
+            rows = []
+            for i in range(m):  # one at a time from a reset: chunk queues and ensembles start empty
+                processor.reset()
+                one = {k: (v[i] if isinstance(v, list) else v[i:i + 1]) for k, v in obs.items()}
+                f = processor.preprocess(one)
+                f |= {k: v for k, v in spec.initial_state(1).items() if k not in f}
+                rows.append(processor.postprocess(ref.infer(f))[0])
+            ref_actions = np.stack(rows).astype(np.float32)
     arrays = {f"feed.{k}": v for k, v in feeds.items()}
     arrays |= {f"ref.{k}": np.asarray(v, dtype=np.float32) for k, v in ref_out.items()}
-    arrays |= {"frame.images": images, "frame.ref_actions": np.asarray(frame_out["actions"], dtype=np.float32)}
+    arrays |= {f"obs.{k}": np.asarray(v) for k, v in obs.items() if schema[k]["type"] != "text"}
+    arrays["frame.ref_actions"] = ref_actions
     tmp = stage / f".{SELFTEST_ARRAYS}.tmp.npz"
     np.savez_compressed(tmp, **arrays)
     tmp.replace(stage / SELFTEST_ARRAYS)
     info = {
         "format_version": SELFTEST_FORMAT_VERSION,
-        "feeds": feeds_n, "frames": len(images), "instructions": instructions, "frames_from": origin,
-        "quick": {"feeds": min(QUICK_FEEDS, feeds_n), "frames": min(QUICK_FRAMES, len(images))},
+        "feeds": feeds_n, "frames": m, "frames_from": origin,
+        "observation": {"processor": processor is not None, "schema": schema,
+                        "texts": {k: list(v) for k, v in obs.items() if schema[k]["type"] == "text"}},
+        "quick": {"feeds": min(QUICK_FEEDS, feeds_n), "frames": min(QUICK_FRAMES, m)},
         "budgets": budgets,
         "reference": {"what": "PyTorch fp32 eager on CPU", "checkpoint_sha256": ckpt.sha256,
                       "machine": mf.machine_info(), "versions": mf.tool_versions()},
@@ -124,11 +167,14 @@ class SelfTest:
             raise UserError(f"{arrays} is not a readable self-test set ({e}); rebuild the bundle") from e
         self.feeds = {k[5:]: v for k, v in data.items() if k.startswith("feed.")}
         self.reference = {k[4:]: v for k, v in data.items() if k.startswith("ref.")}
-        self.images = data.get("frame.images")
         self.ref_actions = data.get("frame.ref_actions")
-        self.instructions = list(self.info.get("instructions") or [])
-        if not self.feeds or not self.reference or self.images is None or self.ref_actions is None:
-            raise UserError(f"{arrays} lacks feeds, reference outputs or frames; rebuild the bundle")
+        observation = self.info.get("observation") or {}
+        self.uses_processor = bool(observation.get("processor"))
+        self.observations: dict[str, Any] = {k[4:]: v for k, v in data.items() if k.startswith("obs.")}
+        self.observations |= {k: list(v) for k, v in (observation.get("texts") or {}).items()}
+        if not self.feeds or not self.reference or self.ref_actions is None or not self.observations:
+            raise UserError(f"{arrays} lacks feeds, reference outputs or observations; rebuild the bundle")
+        self.frames = int(self.ref_actions.shape[0])
 
     @property
     def budgets(self) -> dict[str, Any]:
@@ -136,8 +182,23 @@ class SelfTest:
 
     def subset(self, quick: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
         k = self.info["quick"]["feeds"] if quick else len(next(iter(self.feeds.values())))
-        m = self.info["quick"]["frames"] if quick else len(self.images)
+        m = self.info["quick"]["frames"] if quick else self.frames
         return ({n: v[:k] for n, v in self.feeds.items()}, {n: v[:k] for n, v in self.reference.items()}, m)
+
+
+    def act_on(self, policy, i: int) -> np.ndarray:
+        """`policy.act` on raw observation `i`, as a robot calls it: (image, instruction) or an observation dict."""
+        one = {k: v[i] for k, v in self.observations.items()}
+        if self.uses_processor:
+            return policy.act(one)
+        return policy.act(one[IMAGE_KEY], one[TEXT_KEY])
+
+    def feeds_of(self, policy, i: int) -> dict[str, np.ndarray]:
+        """The preprocessed feeds (batch 1, no recurrent state) of raw observation `i`, through the policy."""
+        one = {k: v[i] for k, v in self.observations.items()}
+        if self.uses_processor:
+            return policy._with_threads(policy.processor.preprocess, one)
+        return policy.preprocess(one[IMAGE_KEY][None], one[TEXT_KEY])
 
 
 # -- judging ------------------------------------------------------------------------------------------------------------
@@ -188,7 +249,7 @@ def run_end_to_end(policy, selftest: SelfTest, budget: dict[str, float], quick: 
     got = []
     for i in range(m):
         policy.reset()  # each frame is judged as the first of an episode, as the reference computed it
-        got.append(np.asarray(policy.act(selftest.images[i], selftest.instructions[i]), dtype=np.float32))
+        got.append(np.asarray(selftest.act_on(policy, i), dtype=np.float32).reshape(-1))
     policy.reset()
     metrics = error_metrics(selftest.ref_actions[:m], np.stack(got))
     failures = judge(metrics, budget, "end-to-end action")

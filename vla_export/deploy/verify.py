@@ -53,12 +53,10 @@ def measure_latency(policy, test, warmup: int, iters: int, rate_hz: float) -> di
     from vla_export.validate.validate import cast_feeds
 
     phases: dict[str, list[float]] = {"preprocess": [], "inference": [], "postprocess": [], "total": []}
-    frames = len(test.images)
     for i in range(warmup + iters):
-        image, text = test.images[i % frames], test.instructions[i % frames]
-        policy.reset()
+        policy.reset()  # every step runs the model: a queued action chunk would time nothing
         t0 = time.perf_counter()
-        feeds = policy.preprocess(image[None], text)
+        feeds = test.feeds_of(policy, i % test.frames)
         if policy.spec.state:
             feeds = {**feeds, **policy.spec.initial_state(1)}
         feeds = cast_feeds(feeds, policy.spec)

@@ -1,0 +1,212 @@
+"""LeRobot ACT through vla-export: a real pretrained_model folder (LeRobot's own save_pretrained of a tiny ACT with
+random weights and its processors) -> checkpoint --from-lerobot -> export -> bundle -> Policy.act, equal to LeRobot's
+preprocessor + select_action + postprocessor step for step (chunk queue and temporal ensembling), and the bundle
+runs with LeRobot unimportable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.lerobot
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("lerobot", reason="needs LeRobot 0.4: scripts/lerobot_env.sh")
+
+STATE_DIM, ACTION_DIM, CHUNK, IMAGE = 5, 4, 6, (3, 64, 64)
+CAMS = ("observation.images.top", "observation.images.wrist")
+
+
+def save_pretrained_act(out: Path, seed: int = 0, **overrides) -> Path:
+    """A LeRobot pretrained_model folder written by LeRobot itself: config.json, model.safetensors, processors."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.act.configuration_act import ACTConfig
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    cfg = ACTConfig(
+        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,)),
+                        **{k: PolicyFeature(FeatureType.VISUAL, IMAGE) for k in CAMS}},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+        chunk_size=CHUNK, n_action_steps=overrides.pop("n_action_steps", CHUNK), dim_model=32, n_heads=2,
+        dim_feedforward=64, n_encoder_layers=1, n_decoder_layers=1, n_vae_encoder_layers=1, latent_dim=8,
+        pretrained_backbone_weights=None, device="cpu", push_to_hub=False, **overrides)
+    torch.manual_seed(seed)
+    policy = ACTPolicy(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    stats = {"observation.state": {"mean": torch.randn(STATE_DIM, generator=g),
+                                   "std": torch.rand(STATE_DIM, generator=g) + 0.5},
+             "action": {"mean": torch.randn(ACTION_DIM, generator=g), "std": torch.rand(ACTION_DIM, generator=g) + 0.5}}
+    for k in CAMS:
+        stats[k] = {"mean": torch.rand(3, 1, 1, generator=g) * 0.5 + 0.25,
+                    "std": torch.rand(3, 1, 1, generator=g) * 0.2 + 0.1}
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    policy.save_pretrained(out)
+    pre.save_pretrained(out)
+    post.save_pretrained(out)
+    return out
+
+
+def observations(n: int, seed: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{**{k: rng.integers(0, 256, (IMAGE[1], IMAGE[2], 3), dtype=np.uint8) for k in CAMS},
+             "observation.state": rng.standard_normal(STATE_DIM).astype(np.float32)} for _ in range(n)]
+
+
+def lerobot_actions(pretrained: Path, obs: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """LeRobot's own loop: preprocessor -> ACTPolicy.select_action -> postprocessor, frames as its datasets give
+    them (float CHW in [0, 1])."""
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    policy = ACTPolicy.from_pretrained(pretrained).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(pretrained))
+    policy.reset()
+    out = []
+    for o in obs:
+        batch = {k: torch.from_numpy(o[k]).permute(2, 0, 1).float() / 255.0 for k in CAMS}
+        batch["observation.state"] = torch.from_numpy(o["observation.state"])
+        with torch.no_grad():
+            out.append(post(policy.select_action(pre(batch))).numpy()[0])
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def act_pipeline(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from vla_export.cli import main
+    from vla_export.deploy.bundle import make_bundle
+    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("act")
+    pretrained = save_pretrained_act(root / "pretrained_model", n_action_steps=3)
+    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o", str(root / "ckpt")])
+    assert result.exit_code == 0, result.output
+    artifact = Path(export_checkpoint(root / "ckpt", root / "artifacts",
+                                      ExportOptions(n_inputs=2, batch_sizes=(1, 2), quiet=True)).artifact)
+    make_bundle(artifact, root / "bundle")
+    return {"root": root, "pretrained": pretrained, "checkpoint": root / "ckpt", "artifact": artifact,
+            "bundle": root / "bundle"}
+
+
+def test_checkpoint_holds_config_weights_and_processor_as_data(act_pipeline):
+    from safetensors.torch import load_file
+
+    from vla_export.checkpoint import load_checkpoint
+
+    ckpt = act_pipeline["checkpoint"]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"config.json", "model.safetensors", "processor.json", "processor.safetensors"} <= names
+    assert not any(n.endswith((".pth", ".pt", ".bin", ".pkl")) for n in names)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architecture"] == "lerobot-act" and config["model_config"]["action_dim"] == ACTION_DIM
+    proc = json.loads((ckpt / "processor.json").read_text())
+    assert [s["name"] for s in proc["preprocessor"]] == ["image", "normalize", "stack", "rename"]
+    assert [s["name"] for s in proc["postprocessor"]] == ["action_chunk", "unnormalize"]
+    assert proc["postprocessor"][0]["config"]["n_action_steps"] == 3
+    # the weights are LeRobot's, tensor for tensor
+    theirs = load_file(str(act_pipeline["pretrained"] / "model.safetensors"))
+    ours = load_checkpoint(ckpt).model.state_dict()
+    assert set(theirs) == set(ours)
+    for k, v in theirs.items():
+        assert torch.equal(v, ours[k]), k
+
+
+def test_exported_spec_is_the_chunk_with_a_static_image_size(act_pipeline):
+    manifest = json.loads(Path(str(act_pipeline["artifact"]) + ".json").read_text())
+    spec = manifest["io_spec"]
+    assert [o["shape"] for o in spec["outputs"]] == [["batch", CHUNK, ACTION_DIM]]
+    assert spec["dims"]["height"]["dynamic"] is False and spec["dims"]["width"]["dynamic"] is False
+    assert manifest["status"] == "passed"
+
+
+def test_policy_act_matches_lerobot_select_action_with_an_action_queue(act_pipeline):
+    from vla_export.deploy import Policy
+
+    obs = observations(8)  # n_action_steps 3: the model runs at steps 0, 3, 6
+    want = lerobot_actions(act_pipeline["pretrained"], obs)
+    with Policy.load(act_pipeline["bundle"], backend="onnxruntime") as policy:
+        got = np.stack([policy.act(o) for o in obs])
+        assert got.shape == (8, ACTION_DIM)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        policy.reset()  # a new episode: the queue is dropped, the same observations give the same actions
+        again = np.stack([policy.act(o) for o in obs])
+        np.testing.assert_allclose(again, got, atol=1e-6, rtol=0)
+
+
+def test_policy_act_matches_lerobot_temporal_ensembling(act_pipeline, tmp_path):
+    """The same weights saved with temporal_ensemble_coeff 0.01 (the model runs every step, chunks are averaged).
+
+    Only the processor differs from the exported policy's (the weights are asserted equal), so the exported graph is
+    reused with the imported ensembling processor instead of exporting the same network a second time."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from vla_export.cli import main
+    from vla_export.deploy import Policy
+    from vla_export.processors import Processor
+
+    pretrained = save_pretrained_act(tmp_path / "pretrained_model", n_action_steps=1, temporal_ensemble_coeff=0.01)
+    assert CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o",
+                                     str(tmp_path / "ckpt")]).exit_code == 0
+    same, exported = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(
+        str(act_pipeline["checkpoint"] / "model.safetensors"))
+    assert set(same) == set(exported) and all(torch.equal(same[k], exported[k]) for k in same)
+    processor = Processor.load(tmp_path / "ckpt")
+    assert processor.postprocessor[0].cfg["temporal_ensemble_coeff"] == 0.01
+    obs = observations(CHUNK + 3, seed=5)  # past one chunk: every step averages up to CHUNK predictions
+    want = lerobot_actions(pretrained, obs)
+    with Policy.load(act_pipeline["bundle"], backend="onnxruntime") as policy:
+        policy.processor = processor
+        got = np.stack([policy.act(o) for o in obs])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_bundle_runs_without_lerobot(act_pipeline):
+    """Policy.load + act in a fresh interpreter in which `import lerobot` fails: the robot needs no LeRobot."""
+    from vla_export.deploy import Policy
+
+    obs = observations(4, seed=9)
+    with Policy.load(act_pipeline["bundle"], backend="onnxruntime") as policy:
+        want = np.stack([policy.act(o) for o in obs])
+    np.savez(act_pipeline["root"] / "obs.npz", **{f"{i}|{k}": v for i, o in enumerate(obs) for k, v in o.items()})
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "lerobot" or name.startswith("lerobot."):
+                    raise ImportError("lerobot is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from vla_export.deploy import Policy
+        data = np.load({str(act_pipeline["root"] / "obs.npz")!r})
+        obs = [{{k.split("|")[1]: data[k] for k in data.files if k.startswith(f"{{i}}|")}} for i in range(4)]
+        policy = Policy.load({str(act_pipeline["bundle"])!r}, backend="onnxruntime")
+        np.save({str(act_pipeline["root"] / "got.npy")!r}, np.stack([policy.act(o) for o in obs]))
+        assert not any(m == "lerobot" or m.startswith("lerobot.") for m in sys.modules)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[2], timeout=300)
+    np.testing.assert_allclose(np.load(act_pipeline["root"] / "got.npy"), want, atol=1e-6, rtol=0)
+
+
+def test_from_lerobot_refuses_a_folder_without_processors(act_pipeline, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from vla_export.cli import main
+
+    broken = tmp_path / "pm"
+    shutil.copytree(act_pipeline["pretrained"], broken)
+    (broken / "policy_preprocessor.json").unlink()
+    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(broken), "-o", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert "has no policy_preprocessor.json" in result.output
+    assert not (tmp_path / "c").exists()
