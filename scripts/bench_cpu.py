@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vla_export import manifest as mf
     from vla_export.checkpoint import load_checkpoint
+    from vla_export.runtime import OrtRunner, TorchRunner, open_runner
     from vla_export.validate.metrics import error_metrics, latency_stats
-    from vla_export.validate.runners import OrtRunner, TorchRunner, open_runner
     from vla_export.validate.validate import cast_feeds, run_batched
 
     console = Console(stderr=True)

@@ -167,8 +167,8 @@ def main() -> None:
 
     print("[3/4] latency, batch 1, this process", flush=True)
     from vla_export.checkpoint import load_checkpoint
+    from vla_export.runtime import OrtRunner, TorchRunner
     from vla_export.validate.metrics import latency_stats
-    from vla_export.validate.runners import OrtRunner, TorchRunner
 
     checkpoint = load_checkpoint(ckpt)
     spec = checkpoint.spec

@@ -14,7 +14,7 @@ returned nullptr".
 Checks, per version:
   plans     `plan_build(TrtFeatures.from_module(trt), precision, kind)` for each precision x ONNX kind; every flag
             a plan names resolves on that version's enums (and the network-flag bits are computed as the code does)
-  surface   every TensorRT attribute vla_export/engines/tensorrt.py touches (read from its AST, types followed
+  surface   every TensorRT attribute the TensorRT code (engines/ and runtime/tensorrt.py) touches (read from its AST, types followed
             through the bindings' own signatures) exists, unless the code probes it with hasattr/getattr; every
             call fits one of the bound signatures (positional count and keyword names)
   calls     CapturingLogger subclasses the real trt.ILogger and logs; init_libnvinfer_plugins accepts it;
@@ -46,7 +46,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRT_SOURCE = REPO / "vla_export" / "engines" / "tensorrt.py"
+# The TensorRT code: the engine builder and, below it in the runtime layer, the engine runner.
+TRT_SOURCES = (REPO / "vla_export" / "engines" / "tensorrt.py", REPO / "vla_export" / "runtime" / "tensorrt.py")
 # 8.6: JetPack 6.0 (Jetson Orin); 10.3: JetPack 6.1/6.2; 10.13 and 10.16: after the precision flags' deprecation
 # (10.12), newest 10.x; 11.0 and 11.4: first and newest 11.x.
 DEFAULT_VERSIONS = ("8.6.1", "10.3.0", "10.13.3.9", "10.16.1.11", "11.0.0.114", "11.4.0.106")
@@ -188,7 +189,7 @@ def fits(sig: dict, n_positional: int, keywords: list[str]) -> bool:
     return all(has_default or p in keywords for p, has_default in rest)
 
 
-# -- following TensorRT types through vla_export/engines/tensorrt.py ------------------------------------------------
+# -- following TensorRT types through the TensorRT code (TRT_SOURCES) ------------------------------------------------
 class SurfaceChecker(ast.NodeVisitor):
     """Resolves `trt.X`, `<TensorRT object>.attr` and calls on them, with types from the bindings' signatures."""
 
@@ -357,9 +358,10 @@ class SurfaceChecker(ast.NodeVisitor):
         self.probed_stack.pop()
 
 
-def check_surface(trt, source: Path = TRT_SOURCE) -> dict:
+def check_surface(trt, sources: tuple[Path, ...] | list[Path] = TRT_SOURCES) -> dict:
     checker = SurfaceChecker(trt)
-    checker.visit(ast.parse(source.read_text(), str(source)))
+    for source in sources:  # one checker: types bound in one file (a runner's fields) stay per class/function
+        checker.visit(ast.parse(source.read_text(), str(source)))
     by_access: dict[str, dict] = {}
     for a in checker.accesses:
         entry = by_access.setdefault(a["access"], {"lines": [], "present": a["present"], "probed": True})
@@ -432,14 +434,14 @@ def enum_members(trt) -> dict:
             for name in ("NetworkDefinitionCreationFlag", "BuilderFlag", "DataType")}
 
 
-def probe(root: Path, source: Path = TRT_SOURCE) -> dict:
+def probe(root: Path, sources: tuple[Path, ...] | list[Path] = TRT_SOURCES) -> dict:
     trt = import_bindings(root)
     sys.path.insert(0, str(REPO))
     from vla_export.engines.tensorrt import TRT2TORCH_NAMES
 
     result = {"version": str(trt.__version__), "module": trt.__name__,
               "stubbed_symbols": (root / "stubbed_symbols.txt").read_text().split(),
-              "plans": check_plans(trt), "surface": check_surface(trt, source), "calls": check_calls(trt),
+              "plans": check_plans(trt), "surface": check_surface(trt, sources), "calls": check_calls(trt),
               "dtypes": {n: hasattr(trt.DataType, n) for n in TRT2TORCH_NAMES}, "enums": enum_members(trt)}
     result["ok"] = all(result[k]["ok"] for k in ("plans", "surface", "calls"))
     return result
@@ -488,10 +490,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dump-enums", type=Path, default=None,
                     help="write {version: {NetworkDefinitionCreationFlag, BuilderFlag, DataType: [members]}}")
     ap.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one version, JSON out
-    ap.add_argument("--source", type=Path, default=TRT_SOURCE, help=argparse.SUPPRESS)  # with --probe: another file
+    ap.add_argument("--source", type=Path, action="append", default=None,
+                    help=argparse.SUPPRESS)  # with --probe: other file(s) in place of TRT_SOURCES
     args = ap.parse_args(argv)
     if args.probe:
-        print(json.dumps(probe(args.probe, args.source)))
+        print(json.dumps(probe(args.probe, args.source or TRT_SOURCES)))
         return 0
     results = []
     for version in [v.strip() for v in args.versions.split(",") if v.strip()]:

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vla_export.engines.aoti import AotiRunner, export_program, torch_dtype
 from vla_export.models.kosmos2_clip import Kosmos2ClipPolicy, io_spec, resolve_config
+from vla_export.runtime import TorchRunner, cuda_event_times, outputs_as_dict, to_device_feeds
 from vla_export.validate.metrics import error_metrics, latency_stats
-from vla_export.validate.runners import TorchRunner, cuda_event_times, outputs_as_dict, to_device_feeds
 
 
 def log(msg: str) -> None:

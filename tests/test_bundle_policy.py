@@ -210,7 +210,7 @@ def test_policy_equals_validate_on_the_same_frames(pipeline):
     from vla_export.data.episodes import list_episodes, load_episode
     from vla_export.data.task import load_task_data
     from vla_export.deploy import Policy
-    from vla_export.validate.runners import open_runner
+    from vla_export.runtime import open_runner
     from vla_export.validate.validate import cast_feeds, episode_index, rollout
 
     bundle = pipeline["bundle"]

@@ -16,7 +16,7 @@ from vla_export.engines.aoti import AotiRunner, compile_aoti, compile_settings, 
 from vla_export.errors import EXIT_UNAVAILABLE, EXIT_USER_ERROR, UserError
 from vla_export.manifest import read_manifest, total_bytes
 from vla_export.models import build_model
-from vla_export.validate.runners import TorchRunner, open_runner
+from vla_export.runtime import TorchRunner, open_runner
 
 
 @pytest.fixture(scope="session")

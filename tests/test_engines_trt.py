@@ -283,7 +283,7 @@ def test_sidecar_round_trip_and_runner_dispatch(tmp_path, fp32_onnx):
                                 "version_compatible": False, "hardware_compatibility_level": None}
     assert back["engine"]["bytes"] == engine.stat().st_size and back["engine"]["layer_count"] == 2
     assert IOSpec.from_json(back["io_spec"]) == _spec()
-    from vla_export.validate.runners import open_runner
+    from vla_export.runtime import open_runner
 
     runner = open_runner(engine)  # not activated: that needs TensorRT
     assert isinstance(runner, trtmod.TensorRTRunner) and runner.precision == "fp32" and runner.device == "cuda"
@@ -420,7 +420,7 @@ def tiny_onnx(tmp_path_factory) -> Path:
 def test_real_build_and_run_matches_onnxruntime(tiny_onnx, tmp_path, precision, tol):
     import tensorrt as trt
 
-    from vla_export.validate.runners import OrtRunner, open_runner
+    from vla_export.runtime import OrtRunner, open_runner
 
     if precision == "fp16" and getattr(trt.BuilderFlag, "FP16", None) is None:
         pytest.skip("TensorRT 11 builds fp16 only from an fp16 ONNX (quantize stage)")

@@ -21,8 +21,8 @@ from vla_export.cli import main
 from vla_export.export import onnx_export
 from vla_export.export.onnx_export import ExportOptions, export_checkpoint
 from vla_export.models import build_model
+from vla_export.runtime import OrtRunner, TorchRunner, open_runner
 from vla_export.validate.metrics import error_metrics
-from vla_export.validate.runners import OrtRunner, TorchRunner, open_runner
 
 ARCH = "kosmos2-clip-hybrid"
 # Few inputs keep the session fast on 2 shared cores; the batch sizes and the rollout are the defaults' kind.

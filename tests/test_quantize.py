@@ -17,7 +17,7 @@ from vla_export import manifest as mf
 from vla_export.cli import main
 from vla_export.quantize import gate as gates
 from vla_export.quantize.stage import quantize
-from vla_export.validate.runners import OrtRunner
+from vla_export.runtime import OrtRunner
 
 
 def export_fp32(ckpt_dir: Path, out_dir: Path) -> Path:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vla_export.errors import BackendUnavailable, UserError
+from vla_export.errors import UserError
 from vla_export.io_spec import IOSpec
 from vla_export.manifest import (
     artifact_files,
@@ -28,14 +28,15 @@ from vla_export.manifest import (
     staging_dir,
     write_manifest,
 )
-from vla_export.validate.runners import (
+from vla_export.runtime.pytorch import (  # noqa: F401 - AotiRunner re-exported beside the compiler
+    DEVICES,
     TORCH_DTYPES,
-    TorchCallableRunner,
+    AotiRunner,
+    check_device,
     outputs_as_dict,
     to_device_feeds,
 )
 
-DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
 EXAMPLE_BATCH = 2  # torch.export specialises dims traced at size 0/1; trace at 2, the Dim says 1..max
 
@@ -51,16 +52,6 @@ def torch_dtype(dtype: str):
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return getattr(torch, TORCH_DTYPES[dtype])
 
-
-def check_device(device: str) -> None:
-    """BackendUnavailable (exit 4) for `cuda` on a machine without a CUDA GPU."""
-    import torch
-
-    if device not in DEVICES:
-        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable("--device cuda needs a CUDA GPU and a CUDA build of PyTorch, and this machine has "
-                                 "neither; compile with --device cpu here, or run this on the GPU machine")
 
 
 
@@ -186,33 +177,3 @@ def compile_aoti(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, devi
         write_manifest(staged, manifest)
         final = publish([staged, manifest_path(staged)], out_dir)[0]
     return final, manifest, True
-
-
-class AotiRunner(TorchCallableRunner):
-    """An AOTInductor `.pt2` package, called with the spec's inputs as keyword arguments."""
-
-    backend = "aoti"
-
-    def __init__(self, path: str | os.PathLike, spec: IOSpec, device: str = "cpu", precision: str = "fp32",
-                 name: str | None = None):
-        path = Path(path)
-        super().__init__(name or path.name, spec, device, precision)
-        self.path = path
-
-    def _activate(self):
-        import torch
-
-        if not self.path.exists():
-            raise UserError(f"AOTInductor package {self.path} does not exist; build it with `vla-export aoti`")
-        check_device(self.device.split(":")[0])
-        self._activate_torch()
-        try:
-            self.package = self.fn = torch._inductor.aoti_load_package(str(self.path))
-        except Exception as e:  # torch raises RuntimeError with a C++ trace for a foreign/corrupt package
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load AOTInductor package {self.path.name} ({first}); packages are tied to the "
-                            "torch version and device they were compiled for: rebuild with `vla-export aoti`") from e
-
-    def _deactivate(self):
-        self.package = None
-

@@ -583,7 +583,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 def _run(ckpt_path: Path, out_dir: Path, opts: ExportOptions, requested: dict, console, phases: Phases,
          threads: int) -> ExportResult:
     from vla_export.checkpoint import load_checkpoint
-    from vla_export.validate.runners import OrtRunner, TorchRunner
+    from vla_export.runtime import OrtRunner, TorchRunner
 
     with phases("load", f"loading checkpoint {ckpt_path.name}"):
         ckpt = load_checkpoint(ckpt_path, trust=opts.trust_checkpoint, arch=opts.arch, preset=opts.preset,

@@ -36,7 +36,7 @@ class TaskPredictor:
         import ray
 
         from vla_export.fleet.on_target import write_files
-        from vla_export.validate.runners import open_runner
+        from vla_export.runtime import open_runner
 
         files = ray.get(artifact_files[0])  # wrapped in a list: the ref itself travels, resolved here once
         self._dir = tempfile.TemporaryDirectory(prefix="vla-ray-validate-")

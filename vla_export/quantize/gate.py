@@ -172,7 +172,7 @@ def load_reference(checkpoint_path: str | None, checkpoint_sha256: str | None, *
     """Load the source checkpoint and run the fp32 reference on the parity inputs and validation frames."""
     from vla_export.checkpoint import checkpoint_sha256 as ckpt_sha
     from vla_export.checkpoint import load_checkpoint
-    from vla_export.validate.runners import TorchRunner
+    from vla_export.runtime import TorchRunner
 
     if not checkpoint_path:
         raise UserError("the source manifest records no checkpoint; re-export with `vla-export export CHECKPOINT`")
@@ -205,7 +205,7 @@ def _action_name(spec: IOSpec) -> str:
 def evaluate(artifact: str | os.PathLike, precision: str, reference: Reference, budgets: Budgets,
              threads: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """Metrics of `artifact` against `reference`, and the budget failures (empty list = passed)."""
-    from vla_export.validate.runners import OrtRunner
+    from vla_export.runtime import OrtRunner
 
     spec = reference.spec
     out_name = _action_name(spec)

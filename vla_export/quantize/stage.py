@@ -305,7 +305,7 @@ def _recurrent_calibration(source: SourceModel, calib, calib_frames: int) -> dic
 
     Zero states alone would calibrate the state inputs' ranges to nothing and clip every real state; so whole
     training episodes (in time order) are rolled out through the fp32 ONNX and each frame is paired with its state."""
-    from vla_export.validate.runners import OrtRunner
+    from vla_export.runtime import OrtRunner
 
     data = gates.load_frames(source.checkpoint, calib, "train", calib_frames, "--calib")
     feeds = dict(data.feeds)

@@ -51,7 +51,7 @@ def cuda_available() -> bool:
 def plan_targets(paths: list[str | os.PathLike], include_eager: bool = True,
                  providers: list[str] | None = None) -> list[dict[str, Any]]:
     """One target per (artifact, device/provider) and per (checkpoint, device, precision) eager model."""
-    from vla_export.validate.runners import ORT_PROVIDER_DEVICE, available_ort_providers
+    from vla_export.runtime import ORT_PROVIDER_DEVICE, available_ort_providers
     from vla_export.validate.validate import find_artifacts, row_id
 
     artifacts = find_artifacts(paths)
@@ -117,7 +117,7 @@ def _threads_used(target: dict[str, Any], threads: int | None) -> int | None:
 
 
 def _make_runner(target: dict[str, Any], threads: int | None):
-    from vla_export.validate.runners import OrtRunner, TorchRunner, open_runner
+    from vla_export.runtime import OrtRunner, TorchRunner, open_runner
 
     if target["kind"] == "eager":
         from vla_export.checkpoint import load_checkpoint

@@ -284,7 +284,7 @@ class Reference:
     """The fp32 PyTorch model of one checkpoint, with cached outputs per (input set, mode, batch)."""
 
     def __init__(self, checkpoint):
-        from vla_export.validate.runners import TorchRunner
+        from vla_export.runtime import TorchRunner
 
         self.checkpoint = checkpoint
         self.spec = checkpoint.spec
@@ -332,7 +332,7 @@ def task_predictions(infer, inputs: InputSet, spec: IOSpec, max_batch: int = TAS
 def _targets(artifact: Artifact, providers: list[str]) -> list[dict[str, Any]]:
     """(provider, device) rows an artifact is validated on: ORT once per execution provider available."""
     if artifact.backend == "onnxruntime":
-        from vla_export.validate.runners import ORT_PROVIDER_DEVICE
+        from vla_export.runtime import ORT_PROVIDER_DEVICE
 
         return [{"provider": p, "device": ORT_PROVIDER_DEVICE[p]} for p in providers]
     if artifact.backend == "tensorrt":
@@ -378,7 +378,7 @@ def _finish(result: dict[str, Any]) -> dict[str, Any]:
 def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Reference, inputs: InputSet,
                        tol: dict[str, float], batch_sizes: list[int], problems: list[str],
                        task_predictor: Callable | None = None) -> dict[str, Any]:
-    from vla_export.validate.runners import open_runner
+    from vla_export.runtime import open_runner
 
     result = _base_result(artifact, target, tol)
     result["reasons"] = list(problems)
@@ -482,7 +482,7 @@ def validate(paths: list[str | os.PathLike], *, tolerances: dict[str, Any] | Non
     """Validate every artifact under `paths`; writes validation.json (atomically) and returns its content.
 
     Does not raise on failed gates: the caller decides (`raise_on_failure`)."""
-    from vla_export.validate.runners import available_ort_providers
+    from vla_export.runtime import available_ort_providers
 
     if n < 1:
         raise UserError(f"-n must be >= 1, got {n}")

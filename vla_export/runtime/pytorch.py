@@ -1,0 +1,128 @@
+"""PyTorch runners: eager modules (the fp32 reference) and AOTInductor `.pt2` packages, both called with torch
+tensors as keyword inputs named as in the IO spec."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla_export.errors import BackendUnavailable, UserError
+from vla_export.io_spec import IOSpec
+from vla_export.runtime.base import Runner, cuda_event_times
+
+DEVICES = ("cpu", "cuda")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def to_device_feeds(feeds: dict[str, np.ndarray], device: str, dtype) -> dict[str, Any]:
+    """numpy feeds -> torch tensors on `device`, floating ones cast to the model's dtype."""
+    import torch
+
+    out = {}
+    for k, v in feeds.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        out[k] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def outputs_as_dict(out: Any, output_names: list[str]) -> dict[str, Any]:
+    """A module's tensor / tuple / dict result keyed by the IO spec's output names."""
+    if isinstance(out, dict):
+        return out
+    if not isinstance(out, (tuple, list)):
+        out = (out,)
+    if len(out) != len(output_names):
+        raise UserError(f"the model returned {len(out)} outputs but its IO spec names {len(output_names)} "
+                        f"({output_names}); the artifact does not match the spec")
+    return dict(zip(output_names, out, strict=True))
+
+
+class TorchCallableRunner(Runner):
+    """Something called with torch tensors as keyword inputs: eager modules and AOTInductor packages.
+
+    Subclasses set `self.fn` in `_activate`. CUDA rows are timed with CUDA events, CPU rows synchronously."""
+
+    def _activate_torch(self):
+        import torch
+
+        self.torch = torch
+        self.dtype = getattr(torch, TORCH_DTYPES[self.precision])
+
+    def prepare(self, feeds):
+        return to_device_feeds({n: feeds[n] for n in self.spec.input_names if n in feeds}, self.device, self.dtype)
+
+    def run_prepared(self, prepared):
+        with self.torch.inference_mode():
+            return outputs_as_dict(self.fn(**prepared), self.spec.output_names)
+
+    def to_numpy(self, outputs):
+        return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+                for k, v in outputs.items()}
+
+    def synchronize(self):
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def time_prepared(self, feeds, warmup, iters):
+        if self.device.startswith("cuda"):
+            prepared = self.prepare(feeds)
+            return cuda_event_times(lambda: self.run_prepared(prepared), warmup, iters)
+        return super().time_prepared(feeds, warmup, iters)
+
+
+class TorchRunner(TorchCallableRunner):
+    """Eager PyTorch: the reference (fp32 on CPU) and the eager baseline in benchmarks."""
+
+    backend = "torch"
+
+    def __init__(self, model, spec: IOSpec, name: str = "torch-eager", device: str = "cpu", precision: str = "fp32"):
+        super().__init__(name, spec, device, precision)
+        self.model = model
+
+    def _activate(self):
+        self._activate_torch()
+        self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.fn = self.model
+
+
+def check_device(device: str) -> None:
+    """BackendUnavailable (exit 4) for `cuda` on a machine without a CUDA GPU."""
+    import torch
+
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("--device cuda needs a CUDA GPU and a CUDA build of PyTorch, and this machine has "
+                                 "neither; compile with --device cpu here, or run this on the GPU machine")
+
+
+class AotiRunner(TorchCallableRunner):
+    """An AOTInductor `.pt2` package, called with the spec's inputs as keyword arguments."""
+
+    backend = "aoti"
+
+    def __init__(self, path: str | os.PathLike, spec: IOSpec, device: str = "cpu", precision: str = "fp32",
+                 name: str | None = None):
+        path = Path(path)
+        super().__init__(name or path.name, spec, device, precision)
+        self.path = path
+
+    def _activate(self):
+        import torch
+
+        if not self.path.exists():
+            raise UserError(f"AOTInductor package {self.path} does not exist; build it with `vla-export aoti`")
+        check_device(self.device.split(":")[0])
+        self._activate_torch()
+        try:
+            self.package = self.fn = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as e:  # torch raises RuntimeError with a C++ trace for a foreign/corrupt package
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load AOTInductor package {self.path.name} ({first}); packages are tied to the "
+                            "torch version and device they were compiled for: rebuild with `vla-export aoti`") from e
+
+    def _deactivate(self):
+        self.package = None
