@@ -182,6 +182,28 @@ def cluster():
     c.shutdown()
 
 
+@needs_ray
+def test_unreachable_ray_head_is_one_line_exit_2_in_seconds(demo, tmp_path):
+    """Ray itself retries an absent head for minutes; the fleet refuses it at once. Runs before `cluster` exists,
+    so this process is not connected to Ray yet."""
+    import socket
+
+    import ray
+
+    from vla_export.cli import main
+
+    assert not ray.is_initialized()
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "targets.json").write_text('{"targets": {"pc": "target:avx2"}}')
+    result = CliRunner().invoke(main, ["fleet", str(demo["bundle"]), "--targets", str(tmp_path / "targets.json"),
+                                       "--address", f"127.0.0.1:{port}", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"cannot reach the Ray head at 127.0.0.1:{port}" in result.output
+    assert result.output.strip().count("\n") == 0
+
+
 def _node_of(resource: str) -> str:
     import ray
 
@@ -198,7 +220,7 @@ TARGETS = {"avx2": {"resource": "target:avx2", **QUICK}, "cpu-b": {"resource": "
 
 
 @needs_ray
-def test_fleet_verifies_each_target_on_its_node_and_a_rerun_skips_all_work(cluster, demo, tmp_path_factory):
+def test_fleet_verifies_each_target_on_its_node_and_a_rerun_skips_all_work(cluster, demo):
     from vla_export.cli import main
     from vla_export.fleet.run import run_fleet
     from vla_export.fleet.targets import load_targets

@@ -26,3 +26,28 @@ def require_ray():
         raise BackendUnavailable(f"this command needs Ray, which is not installed here ({e}); {RAY_INSTALL_HINT}") \
             from e
     return ray
+
+
+def connect(ray, address: str | None, **init_kwargs) -> bool:
+    """`ray.init` unless this process is connected already; True when it connected here (and must shut down).
+
+    A `host:port` that nothing listens on is refused in seconds with one line (exit 2): Ray itself retries the GCS
+    for minutes before it gives up."""
+    import socket
+
+    from vla_export.errors import UserError
+
+    if ray.is_initialized():
+        return False
+    if address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--address {address!r}: give the Ray head as host:port (e.g. 10.0.0.5:6379), 'auto' or "
+                            "ray://host:10001")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise UserError(f"cannot reach the Ray head at {address} ({e.strerror or e}); start it there with "
+                            "`ray start --head --port PORT`, or fix --address") from e
+    ray.init(address=address, **({"include_dashboard": False, "log_to_driver": False} | init_kwargs))
+    return True

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vla_export import manifest as mf
-from vla_export.fleet import require_ray
+from vla_export.fleet import connect, require_ray
 
 ACTIONS = "actions"
 
@@ -84,9 +84,7 @@ class RayTaskPredictor:
 
             raise UserError(f"--ray-actors must be >= 1, got {actors}")
         self.actors = actors
-        self.connected_here = not self.ray.is_initialized()
-        if self.connected_here:
-            self.ray.init(address=address, **({"include_dashboard": False, "log_to_driver": False} | (ray_init or {})))
+        self.connected_here = connect(self.ray, address, **(ray_init or {}))
         self.used: list[str] = []
 
     def close(self) -> None:

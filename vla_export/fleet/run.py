@@ -20,7 +20,7 @@ from typing import Any
 
 from vla_export import manifest as mf
 from vla_export.errors import UserError
-from vla_export.fleet import require_ray
+from vla_export.fleet import connect, require_ray
 from vla_export.fleet.on_target import probe, read_files, run_target
 from vla_export.fleet.store import ResultStore, work_key
 from vla_export.fleet.targets import Target
@@ -162,14 +162,11 @@ def run_fleet(bundle_dir: str | Path, targets: list[Target], out_dir: str | Path
                                 "config.json); fix the path in the targets file")
             checkpoints[ckpt] = checkpoint_sha256(ckpt)
 
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        kwargs = {"include_dashboard": False, "log_to_driver": False, **(ray_init or {})}
-        try:
-            ray.init(address=address, **kwargs)
-        except ConnectionError as e:
-            raise UserError(f"cannot connect to the Ray cluster at {address} ({e}); start one with `ray start "
-                            "--head` or pass --address") from e
+    try:
+        connected_here = connect(ray, address, **(ray_init or {}))
+    except ConnectionError as e:
+        raise UserError(f"cannot connect to the Ray cluster at {address} ({e}); start one with `ray start --head` "
+                        "or fix --address") from e
     records: dict[str, dict[str, Any]] = {}
     started = time.time()
     try:
