@@ -62,7 +62,7 @@ def test_bundle_is_self_contained_and_hashed(pipeline):
     info = verify_bundle(bundle)
     names = sorted(p.name for p in bundle.iterdir())
     assert set(names) == {"bundle.json", "config.json", "kosmos_tokenizer.json", "clip_tokenizer.json",
-                          "model.onnx.json", *info["artifact_files"]}
+                          "model.onnx.json", "selftest.npz", "selftest.json", *info["artifact_files"]}
     assert not any(n.endswith((".safetensors", ".pth", ".h5")) for n in names)  # nothing from training
     for name, meta in info["files"].items():
         assert sha256_file(bundle / name) == meta["sha256"]

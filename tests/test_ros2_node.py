@@ -282,6 +282,28 @@ def test_malformed_image_or_failing_inference_gives_zero_and_node_keeps_serving(
     np.testing.assert_allclose(h.next_action(mark)[:2], want[1], rtol=0, atol=1e-5)
 
 
+def test_selftest_failure_keeps_the_robot_stopped(tmp_path, frames):
+    """A bundle whose artifact fails its self-test here: the node runs, publishes only zero Twists and says why."""
+    from vla_export.deploy.tiny import build_tiny_bundle
+    from vla_export.validate.validate import resolve_tolerances
+
+    # fp32 parity of 1e-12: ORT reorders float sums (~1e-8 here), so this artifact fails on every machine
+    failing = build_tiny_bundle(tmp_path, head="lstm", budgets=resolve_tolerances(tol=1e-12))
+    h = Harness(failing, max_image_age_ms=5000)
+    try:
+        assert h.node.selftest_failure and "self-test" in h.node.selftest_failure
+        for image in frames[:3]:
+            mark = h.mark()
+            h.image_pub.publish(image_msg(image))
+            h.next_zero(mark)
+        time.sleep(0.2)
+        assert h.node.stats["zero:selftest"] >= 3 and h.node.stats["actions"] == 0
+        assert all(not np.any(v != 0) for _, v in h.since(0))
+        assert h.node.warnings["selftest"] == 1  # said once, not per frame
+    finally:
+        h.close()
+
+
 def test_entry_point_publishes_zero_twist_on_shutdown(bundle, frames):
     """`vla-policy-node` (what a launch file runs) in its own process: SIGINT -> one zero Twist, exit 0."""
     domain = _domain_id()

@@ -142,7 +142,27 @@ def load_spec(path: str | os.PathLike) -> tuple[IOSpec, dict[str, Any]]:
     return get_architecture(config["architecture"]).spec(config["model_config"]), config
 
 
+def _torch_file_kind(path: Path) -> str | None:
+    """"zip" (torch.save's format since 1.6), "pickle" (the legacy format), or None: not something torch.save wrote."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist; check the path") from None
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path} ({e.strerror})") from e
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode + protocol 2..5
+        return "pickle"
+    return None
+
+
 def _legacy_state_dict(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if _torch_file_kind(path) is None:
+        # Checked before torch.load, whose weights_only error would blame "objects other than tensors" for any file
+        raise UserError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle); pass "
+                        "the .pth/.pt file the training script saved, or a native checkpoint directory")
     try:
         if trust:
             obj = torch.load(path, map_location="cpu", weights_only=False)

@@ -184,6 +184,25 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def isa_difference(recorded: dict[str, Any] | None, here: dict[str, Any], what: str = "validated") -> str | None:
+    """A note when an artifact was judged (`what`) on a CPU whose kernel-relevant features differ from this one's
+    (machine records of `machine_info()`), e.g. INT8 gated on a VNNI host and now run on an AVX2-only one."""
+    if not recorded:
+        return None
+    theirs = recorded.get("cpu_features") or {}
+    mine = here.get("cpu_features") or {}
+    if not theirs:
+        return (f"{what} on {recorded.get('cpu', 'an unrecorded CPU')} without a record of its ISA features; "
+                "judged here")
+    if set(theirs.get("flags", [])) == set(mine.get("flags", [])) and theirs.get("arch") == mine.get("arch"):
+        return None
+    lost = [f for f in theirs.get("flags", []) if f not in mine.get("flags", [])]
+    gained = [f for f in mine.get("flags", []) if f not in theirs.get("flags", [])]
+    return (f"{what} on {recorded.get('cpu')} ({theirs.get('arch')}, int8 kernels {theirs.get('int8_kernels')}), "
+            f"judged here on {here.get('cpu')} ({mine.get('arch')}, int8 kernels {mine.get('int8_kernels')}; "
+            f"missing here: {', '.join(lost) or 'none'}; only here: {', '.join(gained) or 'none'})")
+
+
 def run_header(command: str | None) -> dict[str, Any]:
     """The head of a run report (validation.json, profile.json): id, time, command, machine, versions."""
     import uuid
@@ -266,7 +285,10 @@ def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     Write all files of an artifact here, check them, then `publish()` them; anything left is deleted, so an
     exception (disk full, failed check) leaves no partial artifact behind."""
     out_dir = check_writable_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    except OSError as e:  # e.g. /proc: it exists and root may "write" there, but nothing can be created in it
+        raise UserError(f"cannot write into {out_dir} ({e.strerror}); choose a writable -o/--output") from e
     try:
         yield tmp
     except OSError as e:

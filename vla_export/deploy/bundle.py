@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vla_export import manifest as mf
+from vla_export.deploy.selftest import DEFAULT_FEEDS, DEFAULT_FRAMES, SELFTEST_ARRAYS, SELFTEST_INFO, build_selftest
 from vla_export.errors import UserError
 
 BUNDLE_FILE = "bundle.json"
@@ -126,6 +127,7 @@ def _summarise_validation(rows: list[dict[str, Any]], report: dict[str, Any] | N
     keep = ("id", "status", "verdict", "device", "provider", "precision", "variant", "parity_mae", "parity_max_abs",
             "parity_cosine", "task", "rollout", "tolerance", "reasons")
     return {"run_id": (report or {}).get("run_id"), "created": (report or {}).get("created"),
+            "machine": (report or {}).get("machine"),  # where it was judged: INT8 kernels differ by CPU
             "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
 
 
@@ -173,13 +175,19 @@ def _self_digest(data: dict[str, Any]) -> str:
 # -- making a bundle ----------------------------------------------------------------------------------------------------
 def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
                 validation: str | os.PathLike | None = None, profile: str | os.PathLike | None = None,
-                force: bool = False, log=None) -> dict[str, Any]:
+                force: bool = False, log=None, extra: list[str | os.PathLike] | tuple = (),
+                episodes: str | os.PathLike | None = None, with_weights: bool = False,
+                budgets: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bundle `artifact` into `out_dir` (staged beside it, renamed when verified). Returns bundle.json's content.
 
     `validation`/`profile` default to validation.json/profile.json beside the artifact. Refuses a modified, stale or
-    failed artifact unless `force`."""
+    failed artifact unless `force`. `extra`: more artifacts of the same checkpoint to ship beside it (e.g. the
+    static-QDQ or fp16 ONNX that `vla-export trt --bundle` builds engines from on the target). `episodes`: where the
+    self-test frames come from (default: the checkpoint's training episodes, if still there). `with_weights`: also
+    ship `model.safetensors`, so the bundle is a checkpoint too and `vla-export aoti --bundle` can compile on the
+    target. `budgets`: the self-test's gate table (default: validate's defaults)."""
     from vla_export.checkpoint import read_config
-    from vla_export.validate.validate import Artifact, provenance_problems
+    from vla_export.validate.validate import Artifact, provenance_problems, resolve_tolerances
 
     log = log or (lambda msg: None)
     artifact = Path(artifact)
@@ -200,6 +208,20 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
     config = read_config(ckpt)
 
     problems, _stale = provenance_problems(Artifact(artifact.resolve(), manifest))
+    extras = []
+    for e in extra:
+        e = Path(e)
+        if not e.exists():
+            raise UserError(f"extra artifact {e} does not exist; build it first or drop --extra {e}")
+        em = mf.read_manifest(e)
+        if (em.get("source") or {}).get("checkpoint_sha256") != (manifest.get("source") or {}).get("checkpoint_sha256") \
+                and _source_checkpoint(e, em) != _source_checkpoint(artifact, manifest):
+            raise UserError(f"extra artifact {e.name} was built from another checkpoint than {artifact.name}; a bundle "
+                            "holds artifacts of one checkpoint")
+        if e.name == artifact.name or e.name in {x.name for x, _ in extras}:
+            raise UserError(f"{e.name} is given twice; each artifact goes into a bundle once")
+        problems += [f"{e.name}: {p}" for p in provenance_problems(Artifact(e.resolve(), em))[0]]
+        extras.append((e, em))
     if checkpoint:  # an explicit --checkpoint replaces the recorded one; it must still hash to the record
         from vla_export.checkpoint import checkpoint_sha256
 
@@ -248,6 +270,16 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).exists():
         raise UserError(f"{out_dir} is a non-empty directory that is not a bundle; choose another -o (it would be "
                         "replaced)")
+    if episodes is None:
+        recorded = (config.get("training") or {}).get("episodes_dir")
+        episodes = Path(recorded) if recorded and Path(recorded).is_dir() else None
+    elif not Path(episodes).is_dir():
+        raise UserError(f"--episodes {episodes} is not a directory of episodes; pass the episodes the checkpoint was "
+                        "trained on (their validation split gives the self-test frames)")
+    weights = ckpt / "model.safetensors"
+    if with_weights and not weights.is_file():
+        raise UserError(f"--with-weights: checkpoint {ckpt} has no model.safetensors; convert it first with "
+                        "`vla-export checkpoint --from ...`")
     parent = mf.check_writable_dir(out_dir.resolve().parent)
     with mf.staging_dir(parent) as tmp:
         stage = tmp / out_dir.name
@@ -255,10 +287,19 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
         for p in art_files:
             shutil.copyfile(p, stage / p.name)
         shutil.copyfile(mf.manifest_path(artifact), stage / mf.manifest_path(artifact).name)
+        for e, _em in extras:
+            for p in mf.artifact_files(e):
+                shutil.copyfile(p, stage / p.name)
+            shutil.copyfile(mf.manifest_path(e), stage / mf.manifest_path(e).name)
         for name in pre_files:
             shutil.copyfile(ckpt / name, stage / name)
+        if with_weights:
+            shutil.copyfile(weights, stage / weights.name)
         deploy_config = {**config, "training": {}}
         (stage / CONFIG_FILE).write_text(json.dumps(deploy_config, indent=2) + "\n")
+        log(f"self-test set: fp32 reference on {DEFAULT_FEEDS} inputs and {DEFAULT_FRAMES} frames")
+        selftest = build_selftest(ckpt, config, stage, budgets or resolve_tolerances(),
+                                  episodes=Path(episodes) if episodes else None)
 
         files = {}
         for p in sorted(stage.iterdir()):
@@ -284,6 +325,12 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
                        "checkpoint": str(ckpt.resolve()),
                        "checkpoint_sha256": (manifest.get("source") or {}).get("checkpoint_sha256")},
             "validation": _summarise_validation(val_rows, val_report),
+            "artifacts": {artifact.name: artifact_entry(artifact, manifest),
+                          **{e.name: artifact_entry(e, em, _summarise_validation(_rows_for(val_report, e), val_report))
+                             for e, em in extras}},
+            "selftest": {"arrays": SELFTEST_ARRAYS, "info": SELFTEST_INFO, "feeds": selftest["feeds"],
+                         "frames": selftest["frames"], "frames_from": selftest["frames_from"]},
+            "weights": weights.name if with_weights else None,
             "profile": _summarise_profile(prof_rows, prof_report),
             "forced": problems if problems else None,
             "total_bytes": sum(f["bytes"] for f in files.values()),
@@ -295,6 +342,50 @@ def make_bundle(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, chec
         verify_bundle(stage)
         _replace_dir(stage, out_dir)
     return info
+
+
+def artifact_entry(path: Path, manifest: dict[str, Any], validation: Any = None) -> dict[str, Any]:
+    """What bundle.json says of each artifact it holds: its files, how to run it, where it was judged."""
+    entry = {"files": [p.name for p in mf.artifact_files(path)], "manifest": mf.manifest_path(path).name,
+             "backend": manifest.get("backend"), "precision": manifest.get("precision", "fp32"),
+             "variant": manifest.get("variant"), "device": manifest.get("device"),
+             "built_on": manifest.get("machine")}
+    if validation is not None:
+        entry["validation"] = validation
+    return entry
+
+
+def add_artifact(bundle_dir: str | os.PathLike, artifact: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Add an artifact made on the target (a TensorRT engine, an AOTI package) to a verified bundle, re-hashed.
+
+    The artifact and its manifest are already in `bundle_dir` (written under temp names and renamed); bundle.json is
+    rewritten under a temp name and renamed over the old one, so a reader sees the old bundle or the new one."""
+    bundle_dir = Path(bundle_dir)
+    info = read_bundle(bundle_dir)
+    names = [p.name for p in mf.artifact_files(artifact)] + [mf.manifest_path(artifact).name]
+    files = dict(info.get("files") or {})
+    for name in names:
+        p = bundle_dir / name
+        os.chmod(p, 0o644)
+        files[name] = {"sha256": mf.sha256_file(p), "bytes": p.stat().st_size}
+    info["files"] = files
+    info.setdefault("artifacts", {})[artifact.name] = artifact_entry(artifact, manifest) | {
+        "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    info["total_bytes"] = sum(f["bytes"] for f in files.values())
+    info["bundle_sha256"] = _self_digest(info)
+    mf.write_text_atomic(bundle_dir / BUNDLE_FILE, json.dumps(info, indent=2, default=mf._json_default) + "\n")
+    os.chmod(bundle_dir / BUNDLE_FILE, 0o644)
+    return verify_bundle(bundle_dir)
+
+
+def bundle_artifacts(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every artifact a bundle holds (bundles of format 1 without an `artifacts` table hold just `artifact`)."""
+    return info.get("artifacts") or {info["artifact"]: {"files": info.get("artifact_files", [info["artifact"]]),
+                                                         "manifest": info.get("manifest"),
+                                                         "backend": info.get("backend"),
+                                                         "precision": info.get("precision"),
+                                                         "variant": info.get("variant"),
+                                                         "device": info.get("device")}}
 
 
 def _replace_dir(stage: Path, out_dir: Path) -> None:

@@ -24,7 +24,16 @@ from vla_export.errors import UserError
               help="Bundle a modified, stale or failed artifact anyway (the reasons are recorded in bundle.json).")
 @click.option("--verify", "verify_dir", type=click.Path(path_type=Path), default=None,
               help="Only verify an existing bundle: re-hash every file, exit 2 naming the first bad one.")
-def bundle_command(artifact, out_dir, checkpoint, validation, profile, force, verify_dir):
+@click.option("--extra", multiple=True, type=click.Path(path_type=Path),
+              help="Another artifact of the same checkpoint to ship beside it (repeatable), e.g. the static-QDQ or "
+                   "fp16 ONNX that `vla-export trt --bundle` builds engines from on the target.")
+@click.option("--episodes", type=click.Path(path_type=Path), default=None,
+              help="Episodes whose validation frames form the bundle's self-test set [default: the checkpoint's "
+                   "training episodes, else seeded noise frames].")
+@click.option("--with-weights", is_flag=True,
+              help="Also ship model.safetensors, so `vla-export aoti --bundle` can compile on the target.")
+def bundle_command(artifact, out_dir, checkpoint, validation, profile, force, verify_dir, extra, episodes,
+                   with_weights):
     """Copy an artifact and everything needed to run it (preprocessing, tokenizers, numbers) into one directory.
 
     No training files travel (no weights, optimizer or episodes). bundle.json records the sha256 of every file,
@@ -46,7 +55,8 @@ def bundle_command(artifact, out_dir, checkpoint, validation, profile, force, ve
     if artifact is None:
         raise UserError("pass --artifact PATH to make a bundle, or --verify DIR to check one")
     info = make_bundle(artifact, out_dir, checkpoint=checkpoint, validation=validation, profile=profile, force=force,
-                       log=lambda msg: click.echo(msg, err=True))
+                       log=lambda msg: click.echo(msg, err=True), extra=list(extra), episodes=episodes,
+                       with_weights=with_weights)
     if info.get("forced"):
         click.echo(f"warning: bundled despite: {'; '.join(info['forced'])}", err=True)
     click.echo(f"{out_dir}: {info['artifact']} ({info['backend']}, {info['precision']}), {len(info['files'])} files, "
@@ -101,4 +111,62 @@ def ros2_node_command(bundle, backend, max_image_age_ms, rate_hz, instruction, i
         raise SystemExit(code)
 
 
-COMMANDS = [bundle_command, ros2_node_command]
+@click.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("verify"), show_default=True,
+              help="Where verify.json and verify.md go.")
+@click.option("--artifact", default=None, help="Verify only this artifact of the bundle [default: all it holds].")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "aoti", "torch"]), default="auto",
+              show_default=True, help="Runtime for the artifact (auto: the fastest this machine runs).")
+@click.option("--tol", type=float, default=None, help="fp32 parity MAE budget [default: the bundle's].")
+@click.option("--tol-fp16", type=float, default=None, help="fp16 parity MAE budget [default: the bundle's].")
+@click.option("--tol-int8", type=float, default=None, help="int8 parity MAE budget [default: the bundle's].")
+@click.option("--rate-hz", type=float, default=10.0, show_default=True,
+              help="Control rate: the p99 of preprocess + inference + postprocess must fit in 1000/rate ms.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps before the timed ones.")
+@click.option("--iters", type=int, default=30, show_default=True, help="Timed steps for the latency split.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: its default, one per core).")
+def verify_command(bundle, out_dir, artifact, backend, tol, tol_fp16, tol_int8, rate_hz, warmup, iters, threads):
+    """Judge a bundle's artifacts on this machine against the reference outputs that travelled with it.
+
+    Re-hashes the bundle, runs its self-test set (stored inputs and raw frames with their fp32 PyTorch reference
+    outputs) through each artifact and through Policy end to end, measures the latency split (preprocess,
+    inference, postprocess: p50/p99) against --rate-hz, and writes verify.json + verify.md. Exit 0 passed, 3 a
+    budget failed (named), 2 a bad bundle, 4 nothing in the bundle can run here.
+
+    \b
+    Example:
+      vla-export verify dist/policy --out verify/
+      vla-export verify dist/policy --artifact model.fp16.engine --rate-hz 30
+    """
+    from vla_export.deploy.bundle import read_bundle
+    from vla_export.deploy.selftest import SelfTest
+    from vla_export.deploy.verify import raise_if_failed, run_verify, summary_line
+
+    tolerances = None
+    if any(v is not None for v in (tol, tol_fp16, tol_int8)):
+        import copy
+
+        read_bundle(bundle)
+        tolerances = copy.deepcopy(SelfTest(Path(bundle)).budgets)
+        for precision, value in (("fp32", tol), ("fp16", tol_fp16), ("int8", tol_int8)):
+            if value is not None:
+                if value <= 0:
+                    raise UserError(f"the {precision} tolerance must be > 0, got {value}")
+                tolerances["precision"].setdefault(precision, {})["parity_mae"] = float(value)
+    report = run_verify(bundle, out_dir, tolerances=tolerances, rate_hz=rate_hz, backend=backend, artifact=artifact,
+                        warmup=warmup, iters=iters, threads=threads or None,
+                        log=lambda msg: click.echo(msg, err=True))
+    feats = report["machine"].get("cpu_features") or {}
+    click.echo(f"machine: {report['machine'].get('cpu')} ({', '.join(feats.get('flags', []))}; int8 kernels "
+               f"{feats.get('int8_kernels')})")
+    for r in report["results"]:
+        if r.get("judged_elsewhere"):
+            click.echo(f"note: {r['artifact']}: {r['judged_elsewhere']}")
+    click.echo(summary_line(report))
+    click.echo(f"wrote {Path(out_dir) / 'verify.md'} and verify.json")
+    raise_if_failed(report)
+
+
+COMMANDS = [bundle_command, verify_command, ros2_node_command]

@@ -1,6 +1,6 @@
 """`Policy`: a bundle at run time. Camera frame (RGB uint8) + instruction -> actions, with the LSTM state carried.
 
-The artifact runs through the same runner as `validate` (`validate.runners.open_runner`), fed by the same
+The artifact runs through the same runner as `validate` (`vla_export.runtime.open_runner`), fed by the same
 `Preprocessor` and the same dtype cast (`validate.validate.cast_feeds`), with the recurrent state fed back as
 `validate.validate.rollout` does, so `act` returns the numbers validation measured for that artifact.
 
@@ -24,12 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from vla_export.errors import BackendUnavailable, UserError
+from vla_export.errors import BackendUnavailable, GateFailed, UserError
 
 log = logging.getLogger("vla_export.deploy")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "aoti", "torch")
 ORT_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class SelfTestFailed(GateFailed):
+    """The bundle's artifact misses its budgets on this machine (exit 3, like any failed accuracy gate)."""
 
 
 @dataclass
@@ -86,7 +90,7 @@ def backend_candidates(info: dict[str, Any], requested: str = "auto") -> list[Ca
     kind = info.get("backend")
     name = info.get("artifact")
     if kind == "onnxruntime":
-        from vla_export.validate.runners import ORT_PROVIDER_DEVICE, available_ort_providers
+        from vla_export.runtime import ORT_PROVIDER_DEVICE, available_ort_providers
 
         providers = available_ort_providers()
         if requested in ("aoti", "torch"):
@@ -163,12 +167,22 @@ class Policy:
         self.spec = runner.spec  # the artifact's own IO spec, from its manifest
         self.preprocess_threads = preprocess_threads
         self._state: dict[str, np.ndarray] | None = None
+        self.selftest: dict[str, Any] | None = None
 
     # -- loading ----------------------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", *, verify: bool = True,
-             threads: int | None = None, preprocess_threads: int | None = 1) -> "Policy":
-        """Verify the bundle (sha256 of every file), build its preprocessing, open its artifact on `backend`.
+             threads: int | None = None, preprocess_threads: int | None = 1, artifact: str | None = None) -> "Policy":
+        """Verify the bundle (sha256 of every file), build its preprocessing, open its artifact on `backend`, and
+        run the quick part of the bundle's self-test on this machine (`verify=False` skips both).
+
+        The self-test runs the artifact on a few stored inputs and one raw frame and compares them with the fp32
+        reference that travelled with the bundle, against the bundle's budgets: an artifact that was fine where it was
+        validated can be wrong here (another CPU's INT8 kernels, an engine built on this GPU). A failure raises
+        `SelfTestFailed` (exit 3) with one line; `self.selftest` holds the result.
+
+        `artifact`: which of the bundle's artifacts to run (default: the one it was made with; `vla-export trt
+        --bundle` adds engines built on the target).
 
         `threads`: ONNX Runtime intra-op threads (None: ORT's default, one per core). On a CPU shared with other
         work fewer can be faster: a parallel op waits for its slowest thread (measured on a loaded 2-core machine,
@@ -180,10 +194,18 @@ class Policy:
         loaded 2-core machine."""
         from vla_export.data.preprocess import Preprocessor
         from vla_export.deploy.bundle import read_bundle, verify_bundle
-        from vla_export.validate.runners import open_runner
+        from vla_export.runtime import open_runner
 
         bundle_dir = Path(bundle_dir)
         info = verify_bundle(bundle_dir) if verify else read_bundle(bundle_dir)
+        if artifact is not None:
+            from vla_export.deploy.bundle import bundle_artifacts
+
+            held = bundle_artifacts(info)
+            if artifact not in held:
+                raise UserError(f"bundle {bundle_dir} holds no artifact {artifact!r}; it holds {', '.join(held)}")
+            info = {**info, "artifact": artifact, **{k: held[artifact].get(k) for k in ("backend", "precision",
+                                                                                        "variant", "device")}}
         preprocessor = Preprocessor.from_checkpoint(bundle_dir)
         candidates = backend_candidates(info, backend)
         artifact = bundle_dir / info["artifact"]
@@ -207,8 +229,29 @@ class Policy:
             if failures:
                 reason += f"; skipped {'; '.join(failures)}"
             log.info("policy: %s on %s: backend %s, %s", info["artifact"], bundle_dir, cand.describe(), reason)
-            return cls(bundle_dir, info, runner, preprocessor, cand, reason, preprocess_threads)
+            policy = cls(bundle_dir, info, runner, preprocessor, cand, reason, preprocess_threads)
+            if verify:
+                policy.run_selftest(quick=True)
+            return policy
         raise BackendUnavailable(f"no backend could open {artifact.name}: {'; '.join(failures)}")
+
+    def run_selftest(self, quick: bool = True) -> dict[str, Any]:
+        """The bundle's self-test on this machine (deploy/selftest.py); SelfTestFailed when a budget fails here."""
+        from vla_export.deploy.selftest import SelfTest, budget_for, run_end_to_end, run_parity
+
+        test = SelfTest(self.bundle_dir)
+        budget = budget_for(test.budgets, self.info.get("precision") or "fp32", self.info.get("variant"))
+        parity = run_parity(self.runner, test, budget, quick=quick)
+        e2e = run_end_to_end(self, test, budget, quick=quick)
+        self.selftest = {"quick": quick, "parity": parity, "end_to_end": e2e,
+                         "passed": parity["passed"] and e2e["passed"]}
+        if not self.selftest["passed"]:
+            failed = parity["failures"] + e2e["failures"]
+            self.close()
+            raise SelfTestFailed(f"{self.info['artifact']} fails the bundle's self-test on this machine "
+                                 f"({self.describe()['backend']}): {'; '.join(failed)}; run `vla-export verify "
+                                 f"{self.bundle_dir}` for the full report, or rebuild the artifact for this machine")
+        return self.selftest
 
     # -- properties ---------------------------------------------------------------------------------------------------------
     @property
@@ -264,7 +307,6 @@ class Policy:
 
     def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Actions [B, action_dim] for preprocessed feeds; feeds the recurrent state in and carries it out."""
-        from vla_export.io_spec import NUMPY_DTYPES
         from vla_export.validate.validate import cast_feeds
 
         b = int(feeds["pixel_values"].shape[0])
@@ -276,7 +318,12 @@ class Policy:
                 raise UserError(f"the policy holds recurrent state for batch {held}, got batch {b}; call reset() "
                                 "before changing the batch size")
             feeds = {**feeds, **self._state}
-        out = self.runner.infer(cast_feeds(feeds, self.spec))
+        return self.postprocess(self.runner.infer(cast_feeds(feeds, self.spec)))
+
+    def postprocess(self, out: dict[str, np.ndarray]) -> np.ndarray:
+        """Model outputs -> actions [B, action_dim]; keeps the recurrent state for the next call."""
+        from vla_export.io_spec import NUMPY_DTYPES
+
         if self.spec.state:
             self._state = {inp: out[o].astype(NUMPY_DTYPES[self.spec.tensor(inp).dtype])
                            for o, inp in self.spec.state.items()}

@@ -142,12 +142,22 @@ class PolicyNode(Node):
                             f"{p['rate_hz']}")
         if p["image_reliability"] not in IMAGE_RELIABILITY:
             raise UserError(f"image_reliability must be one of {IMAGE_RELIABILITY}, got {p['image_reliability']!r}")
+        # Set when the bundle's self-test fails on this machine: the node then runs, but only ever publishes zero
+        # Twists and says why, so a robot with a wrong artifact stays stopped instead of acting on bad numbers.
+        self.selftest_failure: str | None = None
         if policy is None:
-            from vla_export.deploy.policy import Policy
+            from vla_export.deploy.policy import Policy, SelfTestFailed
 
             if not p["bundle"]:
                 raise UserError("parameter 'bundle' is not set; run with --ros-args -p bundle:=dist/policy")
-            policy = Policy.load(str(p["bundle"]), backend=str(p["backend"]), threads=int(p["threads"]) or None)
+            try:
+                policy = Policy.load(str(p["bundle"]), backend=str(p["backend"]), threads=int(p["threads"]) or None)
+            except SelfTestFailed as e:
+                self.selftest_failure = str(e)
+                policy = Policy.load(str(p["bundle"]), backend=str(p["backend"]), verify=False,
+                                     threads=int(p["threads"]) or None)  # opened for its names only; never acts
+        elif getattr(policy, "selftest", None) and not policy.selftest.get("passed", True):
+            self.selftest_failure = f"{policy.info['artifact']} failed the bundle's self-test on this machine"
         self.policy = policy
         self.action_names = policy.action_names
         fields = policy.twist_fields
@@ -190,6 +200,8 @@ class PolicyNode(Node):
         self.create_timer(self.watchdog_period_s, self._watchdog, callback_group=watching)
         if self.rate_hz > 0:
             self.create_timer(1.0 / self.rate_hz, self._on_rate_tick, callback_group=acting)
+        if self.selftest_failure:
+            self.get_logger().error(f"self-test failed: publishing only zero Twists ({self.selftest_failure})")
         self.get_logger().info(
             f"vla_policy: bundle {policy.bundle_dir} ({policy.info['artifact']}), backend {policy.backend} "
             f"({policy.provider or policy.device}): {policy.backend_reason}; actions {self.action_names} -> "
@@ -264,6 +276,10 @@ class PolicyNode(Node):
 
     def _act(self, rgb: np.ndarray, received_at: float, seq: int) -> None:
         self._acted_seq = seq
+        if self.selftest_failure:
+            self.fail("selftest", f"the bundle's self-test failed on this machine, so the robot stays stopped: "
+                                  f"{self.selftest_failure}")
+            return
         if not self.instruction:
             self.fail("no_instruction", "no instruction yet: publish one on 'instruction' or set the 'instruction' "
                                         "parameter")

@@ -76,12 +76,13 @@ def _direct_export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) ->
     return final
 
 
-def build_tiny_bundle(work_dir: str | os.PathLike, head: str = "lstm", seed: int = 0, preset: str = "tiny") -> Path:
+def build_tiny_bundle(work_dir: str | os.PathLike, head: str = "lstm", seed: int = 0, preset: str = "tiny",
+                      budgets: dict | None = None) -> Path:
     """checkpoint -> ONNX -> bundle under `work_dir`; returns the bundle directory (`work_dir/bundle`)."""
     from vla_export.deploy.bundle import make_bundle
 
     work_dir = Path(work_dir)
     ckpt = build_tiny_checkpoint(work_dir / "checkpoint", head=head, seed=seed, preset=preset)
     onnx_path = export_tiny_onnx(ckpt, work_dir / "artifacts")
-    make_bundle(onnx_path, work_dir / "bundle")
+    make_bundle(onnx_path, work_dir / "bundle", budgets=budgets)
     return work_dir / "bundle"

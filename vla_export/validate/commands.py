@@ -86,6 +86,12 @@ def validate_cmd(paths, tol, tol_fp16, tol_int8, max_task_mae_increase, episodes
                       batch_sizes=_int_list(batch, "--batch"), episodes_dir=episodes, split=split,
                       max_frames=max_frames, output=output, command=_command_line())
     _console().print(results_table(report))
+    for r in report.get("results", []):
+        if r.get("judged_elsewhere"):
+            click.echo(f"note: {r['id']}: {r['judged_elsewhere']}; judged here")
+    feats = report.get("machine", {}).get("cpu_features") or {}
+    click.echo(f"machine: {report.get('machine', {}).get('cpu')} ({', '.join(feats.get('flags', []))}; int8 kernels "
+               f"{feats.get('int8_kernels')})")
     click.echo(f"wrote {report['path']}")
     raise_on_failure(report)
 

@@ -122,6 +122,10 @@ def machine_section(profile: dict[str, Any]) -> str:
              f"- GPU: {m.get('gpu', 'none')}" + (f" (compute capability {m['gpu_compute_capability']})"
                                                   if m.get("gpu_compute_capability") else ""),
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items())]
+    feats = m.get("cpu_features")
+    if feats:  # the ISA decides which kernels ran (INT8 differs between VNNI and AVX2-only CPUs)
+        lines.insert(1, f"- CPU features the kernels use: {', '.join(feats.get('flags', [])) or 'none'} "
+                        f"({feats.get('arch')}; int8 kernels: {feats.get('int8_kernels')})")
     s = profile.get("settings", {})
     lines.append(f"- profile: warm-up {s.get('warmup')}, {s.get('iters')} timed iterations, batch sizes "
                  f"{s.get('batches')}, threads {s.get('threads') or 'library default'}, "

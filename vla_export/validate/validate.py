@@ -360,6 +360,11 @@ def _base_result(artifact: Artifact, target: dict[str, Any], tol: dict[str, floa
         "artifact_sha256": artifact.manifest.get("sha256"), "size_bytes": artifact.manifest.get("total_bytes"),
         "tolerance": tol,
         "status": None, "verdict": None, "reasons": [],
+        # The stage that wrote the artifact gated it on its machine; say so when this one computes differently.
+        # (It is judged here all the same: this row's numbers are this machine's.)
+        "judged_elsewhere": (mf.isa_difference(artifact.manifest.get("machine"), mf.machine_info(),
+                                               f"gated by `{artifact.manifest.get('stage', '?')}`")
+                             if (artifact.manifest.get("metrics") or {}) else None),
     }
 
 
