@@ -1,21 +1,20 @@
 """What runs on a target device: plain functions, no Ray (run.py wraps `run_target` in a Ray task).
 
-Steps, in order, each into its own folder of the work directory and each returning a step record
+Steps, in order, each writing into its own folder of the work directory and each returning a step record
 `{"status": passed|failed|skipped, "reason", "wall_s", "files": [...], "summary": {...}}`:
-- `build_trt_on_target`: a TensorRT engine from the bundle's ONNX (`engines.tensorrt.build_engine`). Without
-  TensorRT or a GPU that raises BackendUnavailable: skipped with its reason.
-- `compile_aoti_on_target`: an AOTInductor package, compiled from the checkpoint the targets file names (a bundle
-  carries no weights, so without one this is skipped with that reason).
-- `verify_on_target`: the on-target check of the bundle: `vla_export.deploy.verify.run_verify` (issue 11) where
-  it is installed, else `check_bundle_on_target` below.
-- `profile_on_target`: `validate.profile.profile` of the bundle's artifact and of everything built here.
+- `build_trt_on_target`: `vla-export trt --bundle` here: a TensorRT engine from the bundle's ONNX, added to this
+  target's copy of the bundle. Without TensorRT or a GPU, BackendUnavailable: skipped with its reason.
+- `compile_aoti_on_target`: `vla-export aoti --bundle` here: an AOTInductor package from the bundle's weights
+  (--with-weights) or the checkpoint the targets file ships; skipped with that reason when there is neither.
+- `verify_on_target`: `vla-export verify` here (`deploy.verify.run_verify`): every artifact the bundle now holds,
+  judged against the reference outputs and budgets that travelled with it, with the on-target latency split.
+- `profile_on_target`: `validate.profile.profile` of every artifact the bundle now holds.
 
 A step that raises is that step's failure (its reason is the exception's first line); the others still run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -24,15 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vla_export import manifest as mf
-from vla_export.errors import BackendUnavailable, GateFailed, UserError
+from vla_export.errors import BackendUnavailable, UserError
 
 VERIFY_FILES = ("verify.json", "verify.md")
 PROFILE_FILE = "profile.json"
-SELF_CHECK_FRAMES = 8
-SELF_CHECK_WARMUP = 2
 
 
 def probe() -> dict[str, Any]:
@@ -81,169 +76,110 @@ def _step(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 # -- TensorRT ------------------------------------------------------------------------------------------------------------
 def build_trt_on_target(bundle_dir: Path, out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    from vla_export.deploy.bundle import read_bundle
-    from vla_export.engines.tensorrt import EngineBuildRequest, build_engine
+    """`vla-export trt --bundle` here: an engine from the bundle's ONNX, added to (this target's copy of) the bundle,
+    re-hashed, so verify judges it against the reference outputs that travelled with the bundle."""
+    from vla_export.deploy.bundle import add_artifact
+    from vla_export.engines.commands import bundle_onnx_for
+    from vla_export.engines.tensorrt import EngineBuildRequest, build_engine, import_tensorrt
 
-    info = read_bundle(bundle_dir)
-    if info.get("backend") != "onnxruntime":
-        return {"status": "skipped", "reason": f"the bundle's artifact is {info.get('backend')}, not ONNX: nothing to "
-                                               "build a TensorRT engine from"}
     explicit = settings.get("precision")
-    precision = explicit or info.get("precision") or "fp32"
-    req = EngineBuildRequest(onnx_path=bundle_dir / info["artifact"], precision=precision, out_dir=out_dir,
-                             workspace_gb=float(settings.get("workspace_gb", 4.0)))
+    precision = explicit or "fp16"  # as `vla-export trt`: the precision engines are built at unless told
     try:
-        engine, manifest = build_engine(req)
-    except BackendUnavailable:
-        raise
+        onnx_path = bundle_onnx_for(bundle_dir, precision)
     except UserError as e:
-        if explicit:  # the targets file asked for something this artifact cannot give: its mistake, a failure
+        if explicit:  # the targets file asked for something this bundle cannot give: its mistake, a failure
             raise
-        return {"status": "skipped", "reason": f"not applicable to {info['artifact']}: {e}"}
-    files = [engine.name, mf.manifest_path(engine).name]
-    return {"status": "passed", "files": files, "artifact": engine.name,
-            "summary": {"precision": manifest.get("precision"), "tensorrt": manifest.get("tensorrt"),
-                        "build_s": (manifest.get("timing") or {}).get("build_s"), "bytes": engine.stat().st_size}}
+        import_tensorrt()  # no TensorRT here says so first (skipped: backend), whatever the bundle holds
+        return {"status": "skipped", "reason": f"not applicable: {e}"}
+    req = EngineBuildRequest(onnx_path=onnx_path, precision=precision, out_dir=bundle_dir,
+                             workspace_gb=float(settings.get("workspace_gb", 4.0)),
+                             timing_cache=out_dir / "timing.cache")  # not in the bundle: every file there is hashed
+    engine, manifest = build_engine(req)
+    add_artifact(bundle_dir, engine, manifest)
+    return _bring_back(engine, out_dir) | {
+        "status": "passed", "artifact": engine.name,
+        "summary": {"precision": manifest.get("precision"), "source": onnx_path.name,
+                    "tensorrt": manifest.get("tensorrt"), "build_s": (manifest.get("timing") or {}).get("build_s"),
+                    "bytes": engine.stat().st_size}}
+
+
+def _bring_back(artifact: Path, out_dir: Path) -> dict[str, Any]:
+    """Link an artifact and its manifest from the bundle into the step's folder: what travels back to the driver."""
+    names = [p.name for p in mf.artifact_files(artifact)] + [mf.manifest_path(artifact).name]
+    for name in names:
+        try:
+            os.link(artifact.parent / name, out_dir / name)
+        except OSError:
+            shutil.copyfile(artifact.parent / name, out_dir / name)
+    return {"files": names}
 
 
 # -- AOTInductor ---------------------------------------------------------------------------------------------------------
-def compile_aoti_on_target(checkpoint_dir: Path | None, out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    from vla_export.engines.aoti import compile_aoti
+def compile_aoti_on_target(bundle_dir: Path, checkpoint_dir: Path | None, out_dir: Path,
+                           settings: dict[str, Any]) -> dict[str, Any]:
+    """`vla-export aoti --bundle` here: compiled from the bundle's own weights (a bundle made with --with-weights) or
+    from the checkpoint the targets file shipped; added to this target's copy of the bundle."""
+    from vla_export.deploy.bundle import add_artifact, read_bundle
+    from vla_export.engines.aoti import check_device, compile_aoti
+    from vla_export.engines.commands import bundle_checkpoint
 
-    if checkpoint_dir is None:
-        return {"status": "skipped", "reason": "no checkpoint to compile from (a bundle carries no weights); set "
-                                               "aoti.checkpoint for this target in the targets file"}
-    package, manifest, _built = compile_aoti(checkpoint_dir, out_dir, device=settings.get("device", "cpu"),
-                                             dtype=settings.get("dtype", "fp32"))
-    return {"status": "passed", "files": [package.name, mf.manifest_path(package).name], "artifact": package.name,
-            "summary": {"device": manifest.get("device"), "precision": manifest.get("precision"),
-                        "parity": (manifest.get("metrics") or {}).get("parity"), "bytes": package.stat().st_size}}
+    device, dtype = settings.get("device", "cpu"), settings.get("dtype", "fp32")
+    check_device(device)  # cuda without a GPU: skipped (BackendUnavailable) before anything is compiled
+    info = read_bundle(bundle_dir)
+    if info.get("weights"):
+        with bundle_checkpoint(bundle_dir, info) as ckpt:
+            package, manifest, _built = compile_aoti(ckpt, bundle_dir, device=device, dtype=dtype)
+        manifest["source"] |= {"checkpoint": str(bundle_dir.resolve()), "checkpoint_in_bundle": True}
+        mf.write_manifest(package, manifest)
+        source = "the bundle's weights"
+    elif checkpoint_dir is not None:
+        package, manifest, _built = compile_aoti(checkpoint_dir, bundle_dir, device=device, dtype=dtype)
+        source = "the checkpoint shipped from the targets file"
+    else:
+        return {"status": "skipped", "reason": "the bundle carries no weights to compile from: re-bundle with "
+                                               "--with-weights, or set aoti.checkpoint for this target"}
+    add_artifact(bundle_dir, package, manifest)
+    return _bring_back(package, out_dir) | {
+        "status": "passed", "artifact": package.name,
+        "summary": {"device": manifest.get("device"), "precision": manifest.get("precision"), "source": source,
+                    "parity": (manifest.get("metrics") or {}).get("parity"), "bytes": package.stat().st_size}}
 
 
 # -- verify ----------------------------------------------------------------------------------------------------------------
-def _run_verify_if_installed():
-    """issue 11's `run_verify(bundle_dir, out_dir, *, tolerances, rate_hz, backend) -> dict` when present."""
-    try:
-        from vla_export.deploy.verify import run_verify
-    except ImportError:
+def verify_tolerances(bundle_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The bundle's own budgets with the targets file's `tol`/`tol_fp16`/`tol_int8` on top, as `verify --tol*`."""
+    import copy
+
+    from vla_export.deploy.selftest import SelfTest
+
+    overrides = {p: settings.get(k) for p, k in (("fp32", "tol"), ("fp16", "tol_fp16"), ("int8", "tol_int8"))}
+    if all(v is None for v in overrides.values()):
         return None
-    return run_verify
+    table = copy.deepcopy(SelfTest(bundle_dir).budgets)
+    for precision, value in overrides.items():
+        if value is not None:
+            table["precision"].setdefault(precision, {})["parity_mae"] = float(value)
+    return table
 
 
 def verify_on_target(bundle_dir: Path, out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    run_verify = _run_verify_if_installed()
-    kwargs = {"rate_hz": float(settings.get("rate_hz", 10.0)), "backend": settings.get("backend", "auto")}
-    if run_verify is None:
-        result = check_bundle_on_target(bundle_dir, out_dir, **kwargs)
-        checker = "check_bundle_on_target"
-    else:
-        try:
-            result = run_verify(bundle_dir, out_dir, tolerances=settings.get("tolerances"), **kwargs)
-        except GateFailed as e:  # a budget failed: verify.json says which; the step fails with that line
-            return {"status": "failed", "reason": str(e), "files": _present(out_dir, VERIFY_FILES),
-                    "summary": _read_json(out_dir / "verify.json")}
-        checker = "run_verify"
-    passed = bool(result.get("passed"))
-    return {"status": "passed" if passed else "failed",
-            "reason": None if passed else (result.get("verdict") or "verify failed; see verify.md"),
-            "files": _present(out_dir, VERIFY_FILES), "summary": result | {"checker": checker}}
+    """`vla-export verify` here (`deploy.verify.run_verify`): every artifact the bundle holds, engines built in the
+    steps before included, against the budgets and reference outputs that travelled with it."""
+    from vla_export.deploy.verify import failed_checks, run_verify, summary_line
 
-
-def _present(directory: Path, names) -> list[str]:
-    return [n for n in names if (directory / n).is_file()]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def check_bundle_on_target(bundle_dir: Path, out_dir: Path, *, rate_hz: float = 10.0,
-                           backend: str = "auto") -> dict[str, Any]:
-    """The on-target check from the pieces a bundle has today: every file's sha256 (`verify_bundle`), the artifact
-    opened by `Policy.load` on this machine, actions for deterministic frames that are finite and of the bundle's
-    action size, and the latency split (preprocess / inference / postprocess, p50/p99) against 1/rate_hz.
-
-    It cannot judge parity: bundles made before issue 11 carry no reference outputs. Writes verify.json + verify.md.
-    """
-    from vla_export.data.episodes import synth_instructions
-    from vla_export.deploy.bundle import verify_bundle
-    from vla_export.deploy.policy import Policy
-    from vla_export.validate.metrics import latency_stats
-
-    checks: list[dict[str, Any]] = []
-    info = verify_bundle(bundle_dir)
-    checks.append({"check": "bundle sha256", "passed": True, "detail": f"{len(info['files'])} files match"})
-    policy = Policy.load(bundle_dir, backend=backend, verify=False)
-    try:
-        size = int(info.get("preprocessing", {}).get("image_size") or 224)
-        rng = np.random.default_rng(0)
-        frames = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(SELF_CHECK_FRAMES)]
-        instruction = synth_instructions()[0]
-        times: dict[str, list[float]] = {"preprocess": [], "inference": [], "postprocess": []}
-        actions = []
-        policy.reset()
-        for i, frame in enumerate([frames[0]] * SELF_CHECK_WARMUP + frames):
-            t0 = time.perf_counter()
-            feeds = policy.preprocess(frame, instruction)
-            t1 = time.perf_counter()
-            raw = policy.infer(feeds)
-            t2 = time.perf_counter()
-            action = np.asarray(raw[0], dtype=np.float32).copy()
-            t3 = time.perf_counter()
-            if i >= SELF_CHECK_WARMUP:
-                actions.append(action)
-                for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                    times[k].append(dt * 1e3)
-        described = policy.describe()
-    finally:
-        policy.close()
-    actions_arr = np.stack(actions)
-    n_actions = len(info["actions"]["names"])
-    finite = bool(np.isfinite(actions_arr).all())
-    checks.append({"check": "actions finite", "passed": finite, "detail": f"{len(actions)} frames"})
-    checks.append({"check": "action size", "passed": actions_arr.shape[1] == n_actions,
-                   "detail": f"{actions_arr.shape[1]} outputs, bundle names {n_actions}"})
-    latency = {k: latency_stats(v) for k, v in times.items()}
-    total = latency_stats([sum(x) for x in zip(*times.values(), strict=True)])
-    budget_ms = 1e3 / rate_hz
-    checks.append({"check": f"p99 end-to-end <= {budget_ms:.1f} ms ({rate_hz:g} Hz)",
-                   "passed": total["p99_ms"] <= budget_ms, "detail": f"p99 {total['p99_ms']:.2f} ms"})
-    passed = all(c["passed"] for c in checks)
-    failed = [c["check"] for c in checks if not c["passed"]]
-    result = {
-        **mf.run_header("check_bundle_on_target"),
-        "bundle": str(bundle_dir), "artifact": info["artifact"], "bundle_sha256": info.get("bundle_sha256"),
-        "backend": described, "rate_hz": rate_hz, "latency_ms": latency | {"end_to_end": total},
-        "checks": checks, "passed": passed,
-        "verdict": "passed" if passed else f"FAILED: {'; '.join(failed)}",
-        "not_judged": "parity against reference outputs: this bundle carries none (made before issue 11's self-test)",
-    }
-    out_dir = mf.check_writable_dir(out_dir)
-    mf.write_text_atomic(out_dir / "verify.json", json.dumps(result, indent=2, default=mf._json_default) + "\n")
-    mf.write_text_atomic(out_dir / "verify.md", _verify_markdown(result))
-    return result
-
-
-def _verify_markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    feats = m.get("cpu_features") or {}
-    lines = [f"# verify: {r['artifact']}", "",
-             f"Machine: {m.get('cpu')} ({m.get('arch')}; ISA {', '.join(feats.get('flags') or []) or '-'}; INT8 "
-             f"kernels {feats.get('int8_kernels')}){'; GPU ' + m['gpu'] if m.get('gpu') else ''}",
-             f"Backend: {r['backend'].get('backend')} {r['backend'].get('provider') or r['backend'].get('device')} "
-             f"({r['backend'].get('reason')})", "", f"Verdict: **{r['verdict']}**", "",
-             "| check | result | detail |", "|---|---|---|"]
-    lines += [f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in r["checks"]]
-    lines += ["", f"Latency split (ms, {SELF_CHECK_FRAMES} frames after {SELF_CHECK_WARMUP} warm-up, budget "
-                  f"{1e3 / r['rate_hz']:.1f} ms at {r['rate_hz']:g} Hz):", "",
-              "| part | p50 | p99 | mean | max |", "|---|---:|---:|---:|---:|"]
-    for part, s in r["latency_ms"].items():
-        lines.append(f"| {part} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['mean_ms']:.3f} | {s['max_ms']:.3f} |")
-    lines += ["", f"Not judged: {r['not_judged']}", ""]
-    return "\n".join(lines)
+    report = run_verify(bundle_dir, out_dir, tolerances=verify_tolerances(bundle_dir, settings),
+                        rate_hz=float(settings.get("rate_hz", 10.0)), backend=settings.get("backend", "auto"),
+                        warmup=int(settings.get("warmup", 3)), iters=int(settings.get("iters", 30)))
+    rows = [{"artifact": r["artifact"], "status": r["status"], "reason": r.get("reason"),
+             "failures": r.get("failures", []), "runtime": r.get("runtime"),
+             "parity_mae": ((r.get("parity") or {}).get("metrics") or {}).get("actions", {}).get("mae"),
+             "end_to_end_mae": ((r.get("end_to_end") or {}).get("metrics") or {}).get("mae"),
+             "latency_ms": (r.get("latency") or {}).get("split")} for r in report["results"]]
+    fails = failed_checks(report)
+    return {"status": "passed" if report["passed"] else "failed", "reason": "; ".join(fails) or None,
+            "files": [n for n in VERIFY_FILES if (out_dir / n).is_file()],
+            "summary": {"passed": report["passed"], "verdict": summary_line(report), "rate_hz": report["rate_hz"],
+                        "rows": rows}}
 
 
 # -- profile ---------------------------------------------------------------------------------------------------------------
@@ -274,12 +210,11 @@ def run_target(bundle_files: dict[str, bytes], target: dict[str, Any], checkpoin
     try:
         bundle_dir = write_files(bundle_files, work / "bundle")
         report("transfer", "running")
-        from vla_export.deploy.bundle import verify_bundle
+        from vla_export.deploy.bundle import bundle_artifacts, read_bundle, verify_bundle
 
         verify_bundle(bundle_dir)  # the bytes that arrived are the bytes that were sent: refuse to go on otherwise
         checkpoint_dir = write_files(checkpoint_files, work / "checkpoint") if checkpoint_files else None
         steps: dict[str, dict[str, Any]] = {}
-        built: list[Path] = []
         for name in target["steps"]:
             report(name, "running")
             out = work / "out" / name
@@ -287,16 +222,15 @@ def run_target(bundle_files: dict[str, bytes], target: dict[str, Any], checkpoin
             if name == "trt":
                 record = _step(lambda out=out: build_trt_on_target(bundle_dir, out, target.get("trt") or {}))
             elif name == "aoti":
-                record = _step(lambda out=out: compile_aoti_on_target(checkpoint_dir, out, target.get("aoti") or {}))
+                record = _step(lambda out=out: compile_aoti_on_target(bundle_dir, checkpoint_dir, out,
+                                                                      target.get("aoti") or {}))
             elif name == "verify":
                 record = _step(lambda out=out: verify_on_target(bundle_dir, out, target.get("verify") or {}))
             elif name == "profile":
-                paths = [bundle_dir / json.loads((bundle_dir / "bundle.json").read_text())["artifact"], *built]
+                paths = [bundle_dir / a for a in bundle_artifacts(read_bundle(bundle_dir))]
                 record = _step(lambda out=out, paths=paths: profile_on_target(paths, out, target["profile"]))
             else:
                 raise UserError(f"unknown fleet step {name!r}")
-            if record["status"] == "passed" and record.get("artifact"):
-                built.append(out / record["artifact"])
             record["files"] = [f"{name}/{f}" for f in record["files"]]
             steps[name] = record
             report(name, record["status"])

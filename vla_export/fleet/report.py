@@ -49,8 +49,7 @@ def markdown(fleet: dict[str, Any], out_dir: Path) -> str:
              "and are not compared here (no speed ratio across devices).", "",
              "| target | resource | status | machine | verify | stored |", "|---|---|---|---|---|---|"]
     for r in fleet["targets"]:
-        v = _verify_summary(r)
-        verdict = v.get("verdict") or ((r.get("steps") or {}).get("verify") or {}).get("status") or "-"
+        verdict = ((r.get("steps") or {}).get("verify") or {}).get("status") or "-"
         lines.append(f"| {r['name']} | `{r['resource']}` | **{r['status']}** | {_machine_line(r)} | {verdict} | "
                      f"{'reused' if r.get('cached') else ('new' if r.get('store') else '-')} |")
     for r in fleet["targets"]:
@@ -71,7 +70,7 @@ def markdown(fleet: dict[str, Any], out_dir: Path) -> str:
                 rel = rel.relative_to(out_dir.resolve())
             except ValueError:
                 pass
-            lines.append(f"- files: `{rel}/` (verify/verify.md, profile/profile.json, built engines)")
+            lines.append(f"- files: `{rel}/` (verify/verify.md, profile/profile.json, engines built there)")
         steps = r.get("steps") or {}
         if steps:
             lines += ["", "| step | status | wall s | detail |", "|---|---|---:|---|"]
@@ -79,11 +78,19 @@ def markdown(fleet: dict[str, Any], out_dir: Path) -> str:
                 detail = s.get("reason") or ", ".join(Path(f).name for f in s.get("files", [])) or "-"
                 lines.append(f"| {name} | {s['status']} | {_fmt(s.get('wall_s'), '.1f')} | {detail} |")
         v = _verify_summary(r)
-        if v.get("latency_ms"):
-            lines += ["", f"Verify latency on this target (ms; budget {1e3 / float(v.get('rate_hz', 10)):.1f} ms at "
-                          f"{v.get('rate_hz')} Hz):", "", "| part | p50 | p99 |", "|---|---:|---:|"]
-            for part, s in v["latency_ms"].items():
-                lines.append(f"| {part} | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p99_ms'))} |")
+        if v.get("rows"):
+            lines += ["", f"Verify on this target (against the reference outputs that travelled with the bundle; "
+                          f"latency per step against {v.get('rate_hz')} Hz):", "",
+                      "| artifact | backend | status | parity MAE | end-to-end MAE | step p50 ms | step p99 ms | "
+                      "failed checks |", "|---|---|---|---:|---:|---:|---:|---|"]
+            for row in v["rows"]:
+                total = (row.get("latency_ms") or {}).get("total") or {}
+                rt = row.get("runtime") or {}
+                where = (rt.get("runner") or {}).get("provider") or rt.get("device") or "-"
+                detail = "; ".join(row.get("failures") or []) or row.get("reason") or "-"
+                lines.append(f"| {row['artifact']} | {rt.get('backend') or '-'} ({where}) | {row['status']} | "
+                             f"{_fmt(row.get('parity_mae'), '.3g')} | {_fmt(row.get('end_to_end_mae'), '.3g')} | "
+                             f"{_fmt(total.get('p50_ms'))} | {_fmt(total.get('p99_ms'))} | {detail} |")
         rows = _profile_rows(r)
         if rows:
             lines += ["", "Profile on this target:", "",

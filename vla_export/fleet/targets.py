@@ -5,16 +5,18 @@ YAML or JSON (by suffix; `.yaml`/`.yml` need PyYAML, which Ray itself depends on
     targets:
       workstation:                      # a name of your choosing: one section of fleet.md
         resource: target:rtx-a5000      # the custom resource its Ray node advertises (ray start --resources)
-        trt: {precision: fp16}          # optional; default: the bundle artifact's own precision
+        trt: {precision: int8}          # optional; default fp16, as `vla-export trt`
       jetson:
         resource: target:orin-nx
-        aoti: {checkpoint: checkpoints/demo, device: cuda, dtype: fp16}   # shipped from here to the target
+        aoti: {device: cuda, dtype: fp16}   # from the bundle's weights (bundle --with-weights), or
+                                                # checkpoint: DIR here, shipped to the target
       robot-pc: target:avx2             # shorthand: only the resource, every step with its defaults
 
-Per target, `steps` (default all of them, in this order) picks from trt, aoti, verify, profile; `verify`
-({rate_hz, backend, tolerances}) and `profile` ({warmup, iters, batches}) take their stage's settings. A step that
-does not apply there (no TensorRT or GPU, an artifact TensorRT cannot parse, no checkpoint for AOTInductor) is
-reported as skipped with its reason; it does not fail the target.
+Per target, `steps` (default all of them, in this order) picks from trt, aoti, verify, profile; `profile`
+({warmup, iters, batches}) takes its stage's settings. A step that
+does not apply there (no TensorRT or GPU, no ONNX TensorRT can build from, no weights for AOTInductor) is reported
+as skipped with its reason; it does not fail the target. `verify` takes `vla-export verify`'s settings (`rate_hz`,
+`backend`, `tol`, `tol_fp16`, `tol_int8`, `warmup`, `iters`); its budgets default to the bundle's own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from vla_export.errors import UserError
 STEPS = ("trt", "aoti", "verify", "profile")
 SETTING_KEYS = {"trt": {"precision", "workspace_gb"},
                 "aoti": {"checkpoint", "device", "dtype"},
-                "verify": {"rate_hz", "backend", "tolerances"},
+                "verify": {"rate_hz", "backend", "tol", "tol_fp16", "tol_int8", "warmup", "iters"},
                 "profile": {"warmup", "iters", "batches"}}
 DEFAULT_PROFILE = {"warmup": 10, "iters": 50, "batches": [1]}
 DEFAULT_VERIFY = {"rate_hz": 10.0, "backend": "auto"}
