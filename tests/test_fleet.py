@@ -262,16 +262,21 @@ def test_fleet_verifies_each_target_on_its_node_and_a_rerun_skips_all_work(clust
 
 
 @needs_ray
-def test_fleet_exits_3_naming_a_target_no_node_advertises(cluster, demo):
+def test_fleet_exits_3_naming_targets_that_failed_a_budget_or_have_no_node(cluster, demo):
     from vla_export.cli import main
 
     out = demo["root"] / "fleet-out"
-    targets = _targets_yaml(demo["root"] / "ghost.yaml", {"avx2": TARGETS["avx2"], "jetson": "target:orin-nx"})
+    strict = {"resource": "target:cpu-b", "steps": ["verify"], "verify": QUICK["verify"] | {"tol": 1e-12}}
+    targets = _targets_yaml(demo["root"] / "ghost.yaml", {"avx2": TARGETS["avx2"], "jetson": "target:orin-nx",
+                                                          "strict": strict})
     result = CliRunner().invoke(main, ["fleet", str(demo["bundle"]), "--targets", str(targets), "-o", str(out)])
     assert result.exit_code == 3, result.output
     assert "avx2: passed (stored result reused)" in result.output
     assert "jetson: failed: no alive node in the cluster advertises resource target:orin-nx" in result.output
-    assert "error: 1 of 2 targets failed: jetson" in result.output
+    assert "strict: failed: verify: model.onnx: parity" in result.output  # judged on cpu-b against the bundle's ref
+    assert "error: 2 of 3 targets failed: jetson, strict" in result.output
+    fleet = json.loads((out / "fleet.json").read_text())
+    assert "store" not in fleet["targets"][2]  # a failed target is not stored: the next run tries it again
 
 
 def _task(report):
