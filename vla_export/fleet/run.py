@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +170,7 @@ def run_fleet(bundle_dir: str | Path, targets: list[Target], out_dir: str | Path
                         "or fix --address") from e
     records: dict[str, dict[str, Any]] = {}
     started = time.time()
+    events = None
     try:
         probe_fn, target_fn, events_cls = _tasks(ray)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -241,6 +243,9 @@ def run_fleet(bundle_dir: str | Path, targets: list[Target], out_dir: str | Path
                     records[t.name]["store"] = str(entry)
                 show(t.name, record["status"])
     finally:
+        if events is not None:  # progress only; a connection that outlives this run should not keep it
+            with contextlib.suppress(Exception):
+                ray.kill(events)
         if connected_here:
             ray.shutdown()
 
