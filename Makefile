@@ -13,10 +13,11 @@ DEMO_CHECKPOINT := checkpoints/demo
 CHECKPOINT ?= $(DEMO_CHECKPOINT)
 ARTIFACTS ?= artifacts
 BUNDLE ?= dist/policy
+VERIFY ?= verify
 # exit code of a stage whose backend this machine lacks (vla_export.errors.EXIT_UNAVAILABLE): reported as skipped
 SKIP := 4
 
-.PHONY: demo test install data checkpoint export quantize trt trt-api aoti validate profile report bundle lint clean help
+.PHONY: demo test install data checkpoint export quantize trt trt-api aoti validate profile report bundle verify lint clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -69,11 +70,19 @@ profile: install
 report: install
 	$(VLA) report $(ARTIFACTS)
 
+# The dynamic INT8 ONNX is what the robot's CPU runs; the fp16 and static-QDQ ONNX travel beside it, because TensorRT
+# parses neither quantize_dynamic's ops nor (on 11.x) fp32 -> fp16 flags: `vla-export trt --bundle` on the target
+# builds its engines from them. The self-test set comes from the validation episodes.
 bundle: install
-	$(VLA) bundle --artifact $(ARTIFACTS)/model.int8.onnx -o $(BUNDLE)
+	$(VLA) bundle --artifact $(ARTIFACTS)/model.int8.onnx -o $(BUNDLE) --episodes $(EPISODES) \
+		--extra $(ARTIFACTS)/model.fp16.onnx --extra $(ARTIFACTS)/model.int8-static.onnx
+
+# The check a target runs: every artifact of the bundle against the reference outputs that travelled with it.
+verify: install
+	$(VLA) verify $(BUNDLE) --out $(VERIFY)
 
 demo: trt aoti
-	$(MAKE) --no-print-directory validate profile report bundle
+	$(MAKE) --no-print-directory validate profile report bundle verify
 
 test: install
 	$(PY) -m pytest -q
@@ -82,4 +91,4 @@ lint: install
 	$(VENV)/bin/ruff check vla_export tests scripts
 
 clean:
-	rm -rf $(ARTIFACTS) dist
+	rm -rf $(ARTIFACTS) dist $(VERIFY)
