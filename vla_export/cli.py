@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "vla_export.engines.commands",  # trt, aoti
     "vla_export.validate.commands",  # validate, profile, report
     "vla_export.deploy.commands",  # bundle, ros2-node
+    "vla_export.fleet.commands",  # fleet (Ray is imported only when it runs)
 ]
 
 

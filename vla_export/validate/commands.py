@@ -49,7 +49,13 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("-n", "n", type=int, default=16, show_default=True, help="Parity inputs (the same N run at every --batch size).")
 @click.option("--batch", "batch", default="1,4", show_default=True, help="Batch sizes for parity.")
 @click.option("-o", "--output", type=click.Path(), default=None, help="validation.json path [ARTIFACTS/validation.json]")
-def validate_cmd(paths, tol, tol_fp16, tol_int8, max_task_mae_increase, episodes, split, max_frames, n, batch, output):
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Spread the task predictions over a Ray cluster (Ray Data, one ORT session per actor); "
+                   "pip install 'vla-export[ray]'.")
+@click.option("--ray-address", default=None, help="Ray cluster for --ray (host:port, 'auto') [default: a local one].")
+@click.option("--ray-actors", type=int, default=2, show_default=True, help="Actors (ORT sessions) for --ray.")
+def validate_cmd(paths, tol, tol_fp16, tol_int8, max_task_mae_increase, episodes, split, max_frames, n, batch, output,
+                 use_ray, ray_address, ray_actors):
     """Check every artifact against the PyTorch fp32 reference of its source checkpoint.
 
     Finds artifacts through their manifests (default: artifacts/), rebuilds each source checkpoint's model once,
@@ -62,10 +68,20 @@ def validate_cmd(paths, tol, tol_fp16, tol_int8, max_task_mae_increase, episodes
     Example:
       vla-export validate artifacts --episodes data/episodes
       vla-export validate artifacts/model.int8.onnx --tol-int8 0.03 --max-task-mae-increase 0.005
+      vla-export validate artifacts --episodes data/episodes --ray --ray-address auto
     """
     from vla_export.validate.validate import raise_on_failure, resolve_tolerances, results_table, validate
 
-    report = validate(list(paths) or ["artifacts"],
+    run = validate
+    if use_ray:
+        if not episodes:
+            raise UserError("--ray spreads the task evaluation over a cluster: it needs --episodes DIR")
+        from functools import partial
+
+        from vla_export.fleet.ray_validate import validate_with_ray
+
+        run = partial(validate_with_ray, address=ray_address, actors=ray_actors)
+    report = run(list(paths) or ["artifacts"],
                       tolerances=resolve_tolerances(tol, tol_fp16, tol_int8, max_task_mae_increase), n=n,
                       batch_sizes=_int_list(batch, "--batch"), episodes_dir=episodes, split=split,
                       max_frames=max_frames, output=output, command=_command_line())

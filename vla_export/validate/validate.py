@@ -381,7 +381,8 @@ def _finish(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Reference, inputs: InputSet,
-                       tol: dict[str, float], batch_sizes: list[int], problems: list[str]) -> dict[str, Any]:
+                       tol: dict[str, float], batch_sizes: list[int], problems: list[str],
+                       task_predictor: Callable | None = None) -> dict[str, Any]:
     from vla_export.runtime import open_runner
 
     result = _base_result(artifact, target, tol)
@@ -439,7 +440,10 @@ def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Re
             names = [str(inputs.task.episode[idx[0]]) for idx in inputs.episodes]
             truth = np.asarray(inputs.task.actions, dtype=np.float64)
             ref_task = reference_task(reference, inputs, names)
-            pred = task_predictions(infer, inputs, spec, max_batch)[ACTIONS]
+            # task_predictor (validate --ray: fleet.ray_validate) spreads the frames over a cluster; None = here
+            pred = task_predictor(artifact, target, inputs, spec, max_batch) if task_predictor else None
+            if pred is None:
+                pred = task_predictions(infer, inputs, spec, max_batch)[ACTIONS]
             art_task = task_metrics(pred, truth, inputs.episodes, names)
             increases = {e: art_task["per_episode_mae"][e] - ref_task["per_episode_mae"][e] for e in names}
             worst = max(increases, key=increases.get)
@@ -478,7 +482,8 @@ def validate(paths: list[str | os.PathLike], *, tolerances: dict[str, Any] | Non
              batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BATCH_SIZES, episodes_dir: str | None = None,
              split: str = "val", max_frames: int | None = None, max_episodes: int | None = None, seed: int = 0,
              providers: list[str] | None = None, output: str | os.PathLike | None = None,
-             command: str | None = None, progress: bool = True) -> dict[str, Any]:
+             command: str | None = None, progress: bool = True,
+             task_predictor: Callable | None = None) -> dict[str, Any]:
     """Validate every artifact under `paths`; writes validation.json (atomically) and returns its content.
 
     Does not raise on failed gates: the caller decides (`raise_on_failure`)."""
@@ -538,7 +543,7 @@ def validate(paths: list[str | os.PathLike], *, tolerances: dict[str, Any] | Non
                 for target in _targets(a, providers):
                     bar.update(task_id, description=f"{a.name} ({target['provider'] or target['device']})")
                     results.append(validate_on_target(a, target, reference, inputs, tol, list(batch_sizes),
-                                                      problems))
+                                                      problems, task_predictor))
                     bar.advance(task_id)
             reference.runner.deactivate()
             del reference, checkpoint  # the full model's fp32 weights are gigabytes: free before the next group
