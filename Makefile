@@ -1,6 +1,6 @@
 # vla-export: the Makefile only wires stages together; each target is one `vla-export` command.
 #   make demo      set up .venv, build demo data + checkpoint, run the whole pipeline, print the report
-#   make test      set up .venv and run the tests
+#   make test      set up .venv and run the tests (make test-lerobot: the LeRobot tests, in their own env)
 # Variables: CHECKPOINT=path (default: the trained demo checkpoint), ARTIFACTS=dir, EPISODES=dir, PRESET=tiny|small|full
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -17,7 +17,7 @@ VERIFY ?= verify
 # exit code of a stage whose backend this machine lacks (vla_export.errors.EXIT_UNAVAILABLE): reported as skipped
 SKIP := 4
 
-.PHONY: demo test install data checkpoint export quantize trt trt-api aoti validate profile report bundle verify lint clean help
+.PHONY: demo test test-lerobot install data checkpoint export quantize trt trt-api aoti validate profile report bundle verify lint clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -26,7 +26,7 @@ help:
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ros]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ros,ray]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -86,6 +86,11 @@ demo: trt aoti
 
 test: install
 	$(PY) -m pytest -q
+
+# LeRobot pins torch<2.11, so its tests get their own environment (.venv-lerobot, ~9 GB: torch 2.10 with CUDA
+# libraries); bundles and Policy never need it.
+test-lerobot:
+	scripts/lerobot_env.sh
 
 lint: install
 	$(VENV)/bin/ruff check vla_export tests scripts
