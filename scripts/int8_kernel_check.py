@@ -76,6 +76,9 @@ def saturation_probe() -> dict:
 def judge(args) -> None:
     import onnxruntime as ort
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vla_export.validate.metrics import latency_stats  # numpy only: no torch under emulation
+
     data = np.load(args.reference)
 
     def group(prefix):
@@ -119,11 +122,11 @@ def judge(args) -> None:
                "task_reference_mae": ref_task_mae, "task_artifact_mae": art_task_mae,
                "task_mae_increase": art_task_mae - ref_task_mae,
                "task_parity_mae": float(np.abs(task - task_out["actions"]).mean()),
-               "p50_ms": float(np.percentile(times, 50)), "iters": args.iters}
+               "latency_batch1": latency_stats(times)}
         report["artifacts"][path] = row
         print(f"{path}: parity MAE {row['parity_mae']:.4g}, rel L2 {row['parity_rel_l2']:.4g}, task MAE "
               f"{art_task_mae:.4f} (reference {ref_task_mae:.4f}, rise {row['task_mae_increase']:+.4f}), "
-              f"p50 {row['p50_ms']:.2f} ms")
+              f"p50 {row['latency_batch1']['p50_ms']:.3f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -48,8 +48,11 @@ from vla_export.quantize.targets import DEFAULT_TARGET_CPU, TARGET_CPUS
               show_default=True, help="Budget: rise of the validation action MAE vs ground truth (with --episodes).")
 @click.option("--rtol-fp16", type=float, default=gates.DEFAULT_RTOL_FP16, show_default=True,
               help="Budget relative to the reference's scale: FP16 relative L2 error of each output.")
-@click.option("--rtol-int8", type=float, default=gates.DEFAULT_RTOL_INT8, show_default=True,
+@click.option("--rtol-int8", type=float, default=None, show_default=f"{gates.DEFAULT_RTOL_INT8:g}",
               help="Budget relative to the reference's scale: INT8 relative L2 error of each output.")
+@click.option("--rtol-int8-static", type=float, default=None,
+              show_default=f"--rtol-int8 if given, else {gates.DEFAULT_RTOL_INT8_STATIC:g}",
+              help="Budget relative to the reference's scale: static INT8 relative L2 error of each output.")
 @click.option("--max-task-mae-rel-increase", type=float, default=gates.DEFAULT_MAX_TASK_MAE_REL_INCREASE,
               show_default=True, help="Budget: rise of the validation action MAE as a share of the reference's "
                                       "own task MAE (with --episodes).")
@@ -59,7 +62,7 @@ from vla_export.quantize.targets import DEFAULT_TARGET_CPU, TARGET_CPUS
               help="Validation frames for the task check (with --episodes).")
 def quantize_cmd(onnx_path, modes, out_dir, episodes, calib, calib_frames, calib_method, per_channel, fusion, engine,
                  target_cpu, keep_fp32_ops, tol_fp16, tol_int8, max_task_mae_increase, rtol_fp16, rtol_int8,
-                 max_task_mae_rel_increase, parity_n, task_frames):
+                 rtol_int8_static, max_task_mae_rel_increase, parity_n, task_frames):
     """Quantize an fp32 ONNX export to INT8 (dynamic or static QDQ) or FP16, and gate it against PyTorch fp32.
 
     Writes MODEL.int8.onnx / MODEL.int8-static.onnx / MODEL.fp16.onnx (plus .onnx.data) and a manifest
@@ -78,12 +81,17 @@ def quantize_cmd(onnx_path, modes, out_dir, episodes, calib, calib_frames, calib
       vla-export quantize artifacts/model.onnx --mode fp16 --tol-fp16 2e-3
       vla-export quantize artifacts/model.onnx --mode dynamic,fp16,static --calib data/episodes --episodes data/episodes
     """
+    # An explicit --rtol-int8 covers static INT8 too, unless --rtol-int8-static says otherwise (as in validate).
+    rtol_int8_static = rtol_int8_static if rtol_int8_static is not None else (
+        rtol_int8 if rtol_int8 is not None else gates.DEFAULT_RTOL_INT8_STATIC)
+    rtol_int8 = rtol_int8 if rtol_int8 is not None else gates.DEFAULT_RTOL_INT8
     quantize_modes(onnx_path, parse_modes(modes), out_dir=out_dir, episodes=episodes, calib=calib,
                    calib_frames=calib_frames, calib_method=calib_method, per_channel=per_channel, fusion=fusion,
                    engine=engine, target_cpu=target_cpu, keep_fp32_ops=tuple(x.strip() for x in keep_fp32_ops.split(",") if x.strip()),
                    budgets=gates.Budgets(tol_fp16=tol_fp16, tol_int8=tol_int8,
                                          max_task_mae_increase=max_task_mae_increase, rtol_fp16=rtol_fp16,
-                                         rtol_int8=rtol_int8, max_task_mae_rel_increase=max_task_mae_rel_increase),
+                                         rtol_int8=rtol_int8, rtol_int8_static=rtol_int8_static,
+                                         max_task_mae_rel_increase=max_task_mae_rel_increase),
                    parity_n=parity_n, task_frames=task_frames)
 
 

@@ -8,7 +8,7 @@ source manifest). Two measurements, each on identical inputs for reference and a
 
 Budgets (README): fp16 parity MAE <= 1e-3; int8 parity MAE <= 0.05 and task-MAE increase <= 0.01 (absolute, in
 action units). Each has a twin relative to the reference's scale, and both must hold: every output's relative L2
-error (fp16 <= 1e-2, int8 <= 0.10) and the task MAE rise as a share of the reference's own task MAE (<= 25%); see
+error (fp16 <= 1e-2, int8 <= 0.10, static INT8 <= 0.35) and the task MAE rise as a share of the reference's own task MAE (<= 25%); see
 metrics.DEFAULT_PARITY_REL_L2 for why and what was measured. fp16 is held to parity because half precision only rounds; int8 changes the function measurably
 (0.007-0.024 MAE measured on random weights), so its real judge is the task error on held-out episodes.
 """
@@ -37,6 +37,7 @@ BATCH = 4
 
 DEFAULT_RTOL_FP16 = metrics.DEFAULT_PARITY_REL_L2["fp16"]
 DEFAULT_RTOL_INT8 = metrics.DEFAULT_PARITY_REL_L2["int8"]
+DEFAULT_RTOL_INT8_STATIC = metrics.DEFAULT_VARIANT_PARITY_REL_L2["ort-int8-static"]
 DEFAULT_MAX_TASK_MAE_REL_INCREASE = metrics.DEFAULT_TASK_MAE_REL_INCREASE
 
 
@@ -49,10 +50,11 @@ class Budgets:
     max_task_mae_increase: float = DEFAULT_MAX_TASK_MAE_INCREASE
     rtol_fp16: float = DEFAULT_RTOL_FP16
     rtol_int8: float = DEFAULT_RTOL_INT8
+    rtol_int8_static: float = DEFAULT_RTOL_INT8_STATIC
     max_task_mae_rel_increase: float = DEFAULT_MAX_TASK_MAE_REL_INCREASE
 
     def __post_init__(self):
-        for name in ("tol_fp16", "tol_int8", "rtol_fp16", "rtol_int8"):
+        for name in ("tol_fp16", "tol_int8", "rtol_fp16", "rtol_int8", "rtol_int8_static"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("max_task_mae_increase", "max_task_mae_rel_increase"):
@@ -62,15 +64,18 @@ class Budgets:
     def parity_tol(self, precision: str) -> float:
         return {"fp16": self.tol_fp16, "int8": self.tol_int8}.get(precision, 1e-4)
 
-    def parity_rtol(self, precision: str) -> float:
+    def parity_rtol(self, precision: str, variant: str | None = None) -> float:
         """Largest relative L2 error of each output (metrics.DEFAULT_PARITY_REL_L2 for the others)."""
+        if variant == "ort-int8-static":
+            return self.rtol_int8_static
         return {"fp16": self.rtol_fp16, "int8": self.rtol_int8}.get(
             precision, metrics.DEFAULT_PARITY_REL_L2.get(precision, metrics.DEFAULT_PARITY_REL_L2["fp32"]))
 
     def record(self) -> dict[str, float]:
         return {"tol_fp16": self.tol_fp16, "tol_int8": self.tol_int8,
                 "max_task_mae_increase": self.max_task_mae_increase, "rtol_fp16": self.rtol_fp16,
-                "rtol_int8": self.rtol_int8, "max_task_mae_rel_increase": self.max_task_mae_rel_increase}
+                "rtol_int8": self.rtol_int8, "rtol_int8_static": self.rtol_int8_static,
+                "max_task_mae_rel_increase": self.max_task_mae_rel_increase}
 
 
 def _take(feeds: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
@@ -233,7 +238,7 @@ def _action_name(spec: IOSpec) -> str:
 
 
 def evaluate(artifact: str | os.PathLike, precision: str, reference: Reference, budgets: Budgets,
-             threads: int | None = None) -> tuple[dict[str, Any], list[str]]:
+             threads: int | None = None, variant: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Metrics of `artifact` against `reference`, and the budget failures (empty list = passed)."""
     from vla_export.validate.runners import OrtRunner
 
@@ -244,7 +249,7 @@ def evaluate(artifact: str | os.PathLike, precision: str, reference: Reference, 
         parity = metrics.compare_outputs(reference.parity_out, run_batched(runner.infer, reference.parity_feeds))
         result: dict[str, Any] = {"parity": {"inputs": "example_inputs", "n": len(reference.parity_out[out_name]),
                                              "outputs": parity, **parity[out_name]}}
-        tol, rtol = budgets.parity_tol(precision), budgets.parity_rtol(precision)
+        tol, rtol = budgets.parity_tol(precision), budgets.parity_rtol(precision, variant)
         worst_name = max(parity, key=lambda k: parity[k]["mae"])
         worst = parity[worst_name]
         worst_rel_name = max(parity, key=lambda k: parity[k]["rel_l2"])

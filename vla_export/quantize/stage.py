@@ -259,7 +259,8 @@ def _quantize_one(source: SourceModel, mode: str, engine: str, out: Path, *, tag
         shutil.rmtree(work, ignore_errors=True)
         step(tag + "accuracy gate: ONNX Runtime vs PyTorch fp32")
         t0 = time.perf_counter()
-        result, failures = gates.evaluate(staged, precision, reference, budgets, threads=threads)
+        result, failures = gates.evaluate(staged, precision, reference, budgets, threads=threads,
+                                            variant=variant)
         gate_wall = round(time.perf_counter() - t0, 3)
         staged_files = mf.artifact_files(staged)
         # A stale manifest must never describe the new bytes, even for a moment.

@@ -14,6 +14,9 @@ import numpy as np
 # reaches the largest figure measured (see benchmarks); budget 0.10 keeps >= 2x margin over every
 # measured int8 figure and still fails the 0.129 plug-in.
 DEFAULT_PARITY_REL_L2: dict[str, float] = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.10}
+# Static INT8 also fixes every activation's scale at calibration, which costs more on a model whose outputs are
+# small and flat (the tests' untrained tiny LSTM; figures in docs/benchmarks.md, issue 11).
+DEFAULT_VARIANT_PARITY_REL_L2: dict[str, float] = {"ort-int8-static": 0.35}
 # The task gate's relative twin: the artifact's task MAE rise over the reference's own task MAE (a model that is
 # 0.02 off the ground truth may not become 0.03 off just because 0.01 is the absolute budget).
 DEFAULT_TASK_MAE_REL_INCREASE = 0.25

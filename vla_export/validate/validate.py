@@ -49,8 +49,9 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
         "task_mae_rel_increase": metrics.DEFAULT_TASK_MAE_REL_INCREASE}
     for p, mae in (("fp32", 1e-4), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 0.05))
 }
-# Variant-specific entries (e.g. {"ort-int8-static": {"parity_mae": 0.08}}) override their precision's; none today.
-DEFAULT_VARIANT_TOLERANCES: dict[str, dict[str, float]] = {}
+# Variant-specific entries override their precision's: static INT8's relative budget (metrics.py says why).
+DEFAULT_VARIANT_TOLERANCES: dict[str, dict[str, float]] = {
+    v: {"parity_rel_l2": rel} for v, rel in metrics.DEFAULT_VARIANT_PARITY_REL_L2.items()}
 DEFAULT_N = 16
 DEFAULT_BATCH_SIZES = (1, 4)
 TASK_BATCH = 8
@@ -63,6 +64,7 @@ def resolve_tolerances(tol: float | None = None, tol_fp16: float | None = None, 
                        max_task_mae_rel_increase: float | None = None) -> dict[str, Any]:
     """The gate table: defaults with the CLI's overrides applied. Written verbatim into validation.json."""
     precisions = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
+    variants = {k: dict(v) for k, v in DEFAULT_VARIANT_TOLERANCES.items()}
     for key, word, values in (("parity_mae", "tolerance", (("fp32", tol), ("fp16", tol_fp16), ("int8", tol_int8))),
                               ("parity_rel_l2", "relative tolerance",
                                (("fp32", rtol), ("fp16", rtol_fp16), ("int8", rtol_int8)))):
@@ -71,6 +73,10 @@ def resolve_tolerances(tol: float | None = None, tol_fp16: float | None = None, 
                 if value <= 0:
                     raise UserError(f"{word} for {precision} must be > 0, got {value}")
                 precisions[precision][key] = float(value)
+                if key == "parity_rel_l2":  # an explicit budget for a precision covers its variants too
+                    for variant, entry in variants.items():
+                        if precision in variant.split("-"):
+                            entry.pop("parity_rel_l2", None)
     if max_task_mae_rel_increase is not None:
         if max_task_mae_rel_increase < 0:
             raise UserError(f"--max-task-mae-rel-increase must be >= 0, got {max_task_mae_rel_increase}")
@@ -81,7 +87,7 @@ def resolve_tolerances(tol: float | None = None, tol_fp16: float | None = None, 
             raise UserError(f"--max-task-mae-increase must be >= 0, got {max_task_mae_increase}")
         for entry in precisions.values():
             entry["task_mae_increase"] = float(max_task_mae_increase)
-    return {"precision": precisions, "variant": {k: dict(v) for k, v in DEFAULT_VARIANT_TOLERANCES.items()}}
+    return {"precision": precisions, "variant": {k: v for k, v in variants.items() if v}}
 
 
 def tolerance_for(table: dict[str, Any], precision: str, variant: str | None) -> dict[str, float]:
