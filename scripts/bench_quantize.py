@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--engines", default="ort,streaming", help="dynamic INT8 engines to compare")
+    ap.add_argument("--target-cpus", default="portable",
+                    help="INT8 weight ranges to compare (vla-export quantize --target-cpu), e.g. portable,vnni")
     ap.add_argument("--synthetic-mb", type=int, default=None,
                     help="only compare the engines' peak RSS on a synthetic MatMul model of this many MB")
     ap.add_argument("--reuse", action="store_true",
@@ -154,7 +156,10 @@ def main() -> None:
     from vla_export import manifest as mf
 
     runs = {}
-    jobs = [(f"int8-dynamic-{e}", ["--mode", "dynamic", "--engine", e]) for e in args.engines.split(",")]
+    targets = args.target_cpus.split(",")
+    jobs = [(f"int8-dynamic-{e}" + (f"-{t}" if len(targets) > 1 else ""),
+             ["--mode", "dynamic", "--engine", e, "--target-cpu", t])
+            for e in args.engines.split(",") for t in targets]
     jobs.append(("fp16", ["--mode", "fp16"]))
     for name, extra in jobs:
         odir = art / name
@@ -205,11 +210,14 @@ def main() -> None:
                          "ratio_to_fp32": m["sizes"]["ratio_to_fp32"], "quantize_wall_s": m["timing"]["wall_s"],
                          "peak_rss_bytes": m["timing"]["peak_rss_bytes"], "status": m["status"],
                          "parity_mae": m["metrics"]["parity"]["mae"],
+                         "parity_rel_l2": m["metrics"]["parity"]["rel_l2"],
+                         "target_cpu": (m["settings"].get("target_cpu") or {}).get("name"),
                          "stage_peak_rss_bytes": m["timing"].get("stage_peak_rss_bytes")}
         table.append(f"| ort-{name} | {p50:.2f} | {eager / p50:.2f}x | {m['total_bytes']:,} | "
                      f"{m['sizes']['ratio_to_fp32']:.3f} | {m['timing']['wall_s']:.1f} | "
                      f"{m['timing']['peak_rss_bytes'] / 1e9:.2f} / {(m['timing'].get('stage_peak_rss_bytes') or 0) / 1e9:.2f} | "
-                     f"{m['status']} (MAE {summary[name]['parity_mae']:.2g}) |")
+                     f"{m['status']} (MAE {summary[name]['parity_mae']:.2g}, rel L2 "
+                     f"{summary[name]['parity_rel_l2']:.2g}) |")
     goals = []
     speed_goal = SPEED_GOALS.get(args.preset)
     for name, s in summary.items():

@@ -224,13 +224,37 @@ def test_unrunnable_backend_is_skipped_not_failed(tiny, tmp_path):
 
 def test_tolerances_are_data_with_overrides():
     table = resolve_tolerances(tol=1e-3, tol_int8=0.1, max_task_mae_increase=0.02)
-    assert tolerance_for(table, "fp32", "onnx-fp32") == {"parity_mae": 1e-3, "task_mae_increase": 0.02}
+    assert tolerance_for(table, "fp32", "onnx-fp32") == {"parity_mae": 1e-3, "task_mae_increase": 0.02,
+                                                         "parity_rel_l2": 1e-3, "task_mae_rel_increase": 0.25}
     assert tolerance_for(table, "int8", "ort-int8-dynamic")["parity_mae"] == 0.1
     assert tolerance_for(table, "fp16", None)["parity_mae"] == 1e-3
     table["variant"]["ort-int8-static"] = {"parity_mae": 0.2}
-    assert tolerance_for(table, "int8", "ort-int8-static") == {"parity_mae": 0.2, "task_mae_increase": 0.02}
+    assert tolerance_for(table, "int8", "ort-int8-static") == {"parity_mae": 0.2, "task_mae_increase": 0.02,
+                                                               "parity_rel_l2": 0.1, "task_mae_rel_increase": 0.25}
+    # every absolute budget has a relative twin, overridable per precision
+    rel = resolve_tolerances(rtol=2e-3, rtol_int8=0.05, max_task_mae_rel_increase=0.1)
+    assert [tolerance_for(rel, p, None)["parity_rel_l2"] for p in ("fp32", "fp16", "int8")] == [2e-3, 1e-2, 0.05]
+    assert {t["task_mae_rel_increase"] for t in rel["precision"].values()} == {0.1}
+    # a table written before the relative budgets existed still judges both
+    old = {"precision": {p: {"parity_mae": 0.05, "task_mae_increase": 0.01} for p in ("fp32", "int8")},
+           "variant": {}}
+    assert tolerance_for(old, "int8", None)["parity_rel_l2"] == 0.1
     with pytest.raises(UserError):
         resolve_tolerances(tol=0)
+    with pytest.raises(UserError):
+        resolve_tolerances(rtol_fp16=-1)
+
+
+def test_relative_budget_fails_what_the_absolute_one_passes(tiny, tmp_path):
+    # The fp32 export is within its absolute MAE budget; an impossible relative budget fails it on that check
+    # alone, the one-line reason names the relative measure, and the table prints both.
+    res = invoke(str(tiny.artifacts), "--rtol", "1e-12", "-n", "2", "--batch", "1", "-o", str(tmp_path / "v.json"))
+    assert res.exit_code == EXIT_GATE_FAILED, res.output
+    assert "rel L2" in res.output and "rtol" in res.output
+    r = json.loads((tmp_path / "v.json").read_text())["results"][0]
+    assert r["status"] == "failed" and r["parity_mae"] <= r["tolerance"]["parity_mae"]
+    assert len(r["reasons"]) == 1 and r["reasons"][0].startswith("parity rel L2 of actions")
+    assert "||out - ref|| / ||ref||" in r["reasons"][0] and r["parity_rel_l2"] > 1e-12
 
 
 def test_no_artifacts_is_one_line_error(tmp_path):

@@ -125,7 +125,7 @@ def validation_problems(rows: list[dict[str, Any]], report: dict[str, Any] | Non
 def _summarise_validation(rows: list[dict[str, Any]], report: dict[str, Any] | None) -> Any:
     if not any(r.get("status") in ("passed", "failed") for r in rows):
         return NOT_VALIDATED  # no rows, or only "skipped" ones (a backend this machine could not run)
-    keep = ("id", "status", "verdict", "device", "provider", "precision", "variant", "parity_mae", "parity_max_abs",
+    keep = ("id", "status", "verdict", "device", "provider", "precision", "variant", "parity_mae", "parity_rel_l2", "parity_max_abs",
             "parity_cosine", "task", "rollout", "tolerance", "reasons")
     return {"run_id": (report or {}).get("run_id"), "created": (report or {}).get("created"),
             "machine": (report or {}).get("machine"),  # where it was judged: INT8 kernels differ by CPU

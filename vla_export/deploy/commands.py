@@ -121,13 +121,17 @@ def ros2_node_command(bundle, backend, max_image_age_ms, rate_hz, instruction, i
 @click.option("--tol", type=float, default=None, help="fp32 parity MAE budget [default: the bundle's].")
 @click.option("--tol-fp16", type=float, default=None, help="fp16 parity MAE budget [default: the bundle's].")
 @click.option("--tol-int8", type=float, default=None, help="int8 parity MAE budget [default: the bundle's].")
+@click.option("--rtol", type=float, default=None, help="fp32 relative L2 budget [default: the bundle's].")
+@click.option("--rtol-fp16", type=float, default=None, help="fp16 relative L2 budget [default: the bundle's].")
+@click.option("--rtol-int8", type=float, default=None, help="int8 relative L2 budget [default: the bundle's].")
 @click.option("--rate-hz", type=float, default=10.0, show_default=True,
               help="Control rate: the p99 of preprocess + inference + postprocess must fit in 1000/rate ms.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps before the timed ones.")
 @click.option("--iters", type=int, default=30, show_default=True, help="Timed steps for the latency split.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: its default, one per core).")
-def verify_command(bundle, out_dir, artifact, backend, tol, tol_fp16, tol_int8, rate_hz, warmup, iters, threads):
+def verify_command(bundle, out_dir, artifact, backend, tol, tol_fp16, tol_int8, rtol, rtol_fp16, rtol_int8, rate_hz,
+                   warmup, iters, threads):
     """Judge a bundle's artifacts on this machine against the reference outputs that travelled with it.
 
     Re-hashes the bundle, runs its self-test set (stored inputs and raw frames with their fp32 PyTorch reference
@@ -145,16 +149,23 @@ def verify_command(bundle, out_dir, artifact, backend, tol, tol_fp16, tol_int8, 
     from vla_export.deploy.verify import raise_if_failed, run_verify, summary_line
 
     tolerances = None
-    if any(v is not None for v in (tol, tol_fp16, tol_int8)):
+    overrides = [("parity_mae", "fp32", tol), ("parity_mae", "fp16", tol_fp16), ("parity_mae", "int8", tol_int8),
+                 ("parity_rel_l2", "fp32", rtol), ("parity_rel_l2", "fp16", rtol_fp16),
+                 ("parity_rel_l2", "int8", rtol_int8)]
+    if any(v is not None for *_, v in overrides):
         import copy
 
         read_bundle(bundle)
         tolerances = copy.deepcopy(SelfTest(Path(bundle)).budgets)
-        for precision, value in (("fp32", tol), ("fp16", tol_fp16), ("int8", tol_int8)):
+        for key, precision, value in overrides:
             if value is not None:
                 if value <= 0:
-                    raise UserError(f"the {precision} tolerance must be > 0, got {value}")
-                tolerances["precision"].setdefault(precision, {})["parity_mae"] = float(value)
+                    raise UserError(f"the {precision} {key} budget must be > 0, got {value}")
+                tolerances["precision"].setdefault(precision, {})[key] = float(value)
+                if key == "parity_rel_l2":  # an explicit budget for a precision covers its variants too
+                    for variant, entry in tolerances.get("variant", {}).items():
+                        if precision in variant.split("-"):
+                            entry.pop(key, None)
     report = run_verify(bundle, out_dir, tolerances=tolerances, rate_hz=rate_hz, backend=backend, artifact=artifact,
                         warmup=warmup, iters=iters, threads=threads or None,
                         log=lambda msg: click.echo(msg, err=True))

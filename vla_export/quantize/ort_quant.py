@@ -8,6 +8,9 @@ kept when its accuracy is no worse. Weights are signed INT8 (QInt8), per output 
 per-tensor variant's parity MAE is 2.5x worse (0.0019 vs 0.00077) at the same size. Only MatMul and Gather are
 quantized (see DYNAMIC_OP_TYPES).
 
+Both take the weight range of `--target-cpu` (targets.py: 7-bit `reduce_range` weights by default, which no CPU's
+U8S8 kernel saturates).
+
 Static: QDQ with symmetric INT8 activations and weights (zero points 0, as TensorRT requires), calibrated on
 preprocessed training frames; only MatMul/Conv/Gemm inputs get Q/DQ pairs, which is what TensorRT's explicit
 quantization fuses into INT8 kernels. No DynamicQuantizeLinear/MatMulInteger appears in it.
@@ -97,15 +100,17 @@ def try_fusion(model_path: Path, work: Path) -> tuple[Path | None, dict[str, Any
     return out, {"applied": True, "fused_ops": stats, "note": reason}
 
 
-def quantize_dynamic_ort(model_path: Path, out_path: Path, per_channel: bool) -> dict[str, Any]:
+def quantize_dynamic_ort(model_path: Path, out_path: Path, per_channel: bool, reduce_range: bool) -> dict[str, Any]:
+    """`quantize_dynamic`; `reduce_range` (targets.py) gives MatMul weights 7 bits, Gather tables keep 8 (ORT applies
+    it to MatMul/Conv weights only: operators/matmul.py passes reduce_range=True, Gather quantizes as activation)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _quiet_ort_logs()
-    settings = {"weight_type": "QInt8", "per_channel": per_channel, "MatMulConstBOnly": True,
-                "op_types": list(DYNAMIC_OP_TYPES)}
+    settings = {"weight_type": "QInt8", "per_channel": per_channel, "reduce_range": reduce_range,
+                "MatMulConstBOnly": True, "op_types": list(DYNAMIC_OP_TYPES)}
     quantize_dynamic(str(model_path), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     op_types_to_quantize=list(DYNAMIC_OP_TYPES), use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
+                     reduce_range=reduce_range, op_types_to_quantize=list(DYNAMIC_OP_TYPES),
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     return settings
 
 
@@ -129,8 +134,8 @@ class FrameReader:
 
 
 def quantize_static_qdq(model_path: Path, out_path: Path, feeds: dict[str, np.ndarray], input_names: list[str],
-                        calib_method: str, per_channel: bool, op_types: tuple[str, ...] = STATIC_OP_TYPES
-                        ) -> dict[str, Any]:
+                        calib_method: str, per_channel: bool, reduce_range: bool = True,
+                        op_types: tuple[str, ...] = STATIC_OP_TYPES) -> dict[str, Any]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -154,12 +159,15 @@ def quantize_static_qdq(model_path: Path, out_path: Path, feeds: dict[str, np.nd
         # TensorRT folds a float bias into its INT8 kernels; an int32-quantized bias only adds DQ nodes.
         "QuantizeBias": False,
     }
+    # reduce_range narrows the weights only (qdq_quantizer: activations take reduce_range from overrides alone);
+    # symmetric [-64, 64] keeps zero point 0, so the result stays TensorRT's symmetric int8.
     quantize_static(str(model_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                    op_types_to_quantize=list(op_types), calibrate_method=method, use_external_data_format=True,
-                    nodes_to_exclude=excluded, extra_options=extra)
+                    reduce_range=reduce_range, op_types_to_quantize=list(op_types), calibrate_method=method,
+                    use_external_data_format=True, nodes_to_exclude=excluded, extra_options=extra)
     return {"format": "QDQ", "activation_type": "QInt8", "weight_type": "QInt8", "symmetric": True,
-            "per_channel": per_channel, "calib_method": calib_method, "calib_frames": reader.n,
+            "reduce_range": reduce_range, "per_channel": per_channel, "calib_method": calib_method,
+            "calib_frames": reader.n,
             "op_types": list(op_types), "quantize_bias": False,
             "excluded_activation_matmuls": len(excluded)}
 
@@ -211,7 +219,7 @@ def parity_mae(path: Path, feeds: dict[str, np.ndarray], ref: dict[str, np.ndarr
     return float(max(np.abs(outs[k].astype(np.float64) - ref[k]).mean() for k in ref if k in outs))
 
 
-def dynamic_int8(src: Path, out_path: Path, work: Path, *, per_channel: bool, fusion: str,
+def dynamic_int8(src: Path, out_path: Path, work: Path, *, per_channel: bool, fusion: str, reduce_range: bool,
                  choose_feeds: dict[str, np.ndarray], choose_ref: dict[str, np.ndarray]) -> dict[str, Any]:
     """Pre-process, try fusion, quantize; keeps the faster graph at equal accuracy. Returns the settings used."""
     pre_path, pre_info = pre_process(src, work)
@@ -224,7 +232,7 @@ def dynamic_int8(src: Path, out_path: Path, work: Path, *, per_channel: bool, fu
     results = {}
     for name, path in candidates.items():
         q = work / f"q-{name}.onnx"
-        details["quantize"] = quantize_dynamic_ort(path, q, per_channel)
+        details["quantize"] = quantize_dynamic_ort(path, q, per_channel, reduce_range)
         results[name] = {"path": q}
     if len(results) > 1 or fusion == "on":
         # Batch 1 is the deployment case; the choice is made on the same inputs the gate uses.
@@ -265,11 +273,11 @@ def _move_onnx(src: Path, dst: Path) -> None:
 
 
 def static_int8(src: Path, out_path: Path, work: Path, *, feeds: dict[str, np.ndarray], input_names: list[str],
-                calib_method: str, per_channel: bool) -> dict[str, Any]:
+                calib_method: str, per_channel: bool, reduce_range: bool) -> dict[str, Any]:
     if calib_method not in CALIB_METHODS:
         raise UserError(f"unknown --calib-method {calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
     pre_path, pre_info = pre_process(src, work)
     q = work / "q-static.onnx"
-    settings = quantize_static_qdq(pre_path, q, feeds, input_names, calib_method, per_channel)
+    settings = quantize_static_qdq(pre_path, q, feeds, input_names, calib_method, per_channel, reduce_range)
     _move_onnx(q, out_path)
     return {"engine": "ort", "pre_process": pre_info, "quantize": settings}

@@ -25,6 +25,7 @@ from vla_export.export.onnx_export import release_memory
 from vla_export.quantize import gate as gates
 from vla_export.quantize.gate import Budgets, Reference
 from vla_export.quantize.source import SourceModel, open_source
+from vla_export.quantize.targets import DEFAULT_TARGET_CPU, Int8Target, host_note, resolve_target_cpu
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +116,15 @@ def quantize(src: str | os.PathLike, mode: str, *, out_dir: str | os.PathLike | 
              fusion: str = "auto", engine: str = "auto", keep_fp32_ops: tuple[str, ...] = (),
              budgets: Budgets | None = None, parity_n: int = gates.DEFAULT_PARITY_N,
              task_frames: int | None = gates.DEFAULT_TASK_FRAMES, threads: int | None = None,
-             reference: Reference | None = None, progress: bool = True) -> QuantizeResult:
+             reference: Reference | None = None, progress: bool = True,
+             target_cpu: str = DEFAULT_TARGET_CPU) -> QuantizeResult:
     """Quantize the fp32 ONNX `src`; returns the published artifact and its manifest (raises GateFailed if failed)."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     return quantize_modes(src, (mode,), out_dir=out_dir, episodes=episodes, calib=calib, calib_frames=calib_frames,
                           calib_method=calib_method, per_channel=per_channel, fusion=fusion, engine=engine,
                           keep_fp32_ops=keep_fp32_ops, budgets=budgets, parity_n=parity_n, task_frames=task_frames,
-                          threads=threads, reference=reference, progress=progress)[0]
+                          threads=threads, reference=reference, progress=progress, target_cpu=target_cpu)[0]
 
 
 def quantize_modes(src: str | os.PathLike, modes: str | Sequence[str], *, out_dir: str | os.PathLike | None = None,
@@ -131,14 +133,16 @@ def quantize_modes(src: str | os.PathLike, modes: str | Sequence[str], *, out_di
                    fusion: str = "auto", engine: str = "auto", keep_fp32_ops: tuple[str, ...] = (),
                    budgets: Budgets | None = None, parity_n: int = gates.DEFAULT_PARITY_N,
                    task_frames: int | None = gates.DEFAULT_TASK_FRAMES, threads: int | None = None,
-                   reference: Reference | None = None, progress: bool = True) -> list[QuantizeResult]:
+                   reference: Reference | None = None, progress: bool = True,
+                   target_cpu: str = DEFAULT_TARGET_CPU) -> list[QuantizeResult]:
     """Quantize `src` in each of `modes` (one after another) against one fp32 reference built once for all of them.
 
     Every input is checked before any work. Each artifact gets its own gate verdict and manifest; if any failed,
     GateFailed (exit 3) is raised after all modes are written and judged, naming the failed ones (`.results` holds
     every QuantizeResult). Options for one mode only (calib for static, fusion/engine for dynamic, keep_fp32_ops for
-    fp16) apply to that mode."""
+    fp16) apply to that mode; `target_cpu` (targets.py) sets the INT8 weight range of dynamic and static."""
     modes = parse_modes(modes)
+    target = resolve_target_cpu(target_cpu)
     if "static" in modes and not calib:
         raise UserError("--mode static needs calibration frames: pass --calib DIR (a directory of episodes)")
     if fusion not in ("auto", "on", "off"):
@@ -205,6 +209,7 @@ def quantize_modes(src: str | os.PathLike, modes: str | Sequence[str], *, out_di
                 source, mode, mode_engine, out, tag=tag, all_modes=modes, episodes=episodes, calib=calib,
                 calib_feeds=calib_feeds if mode == "static" else None, calib_frames=calib_frames,
                 calib_method=calib_method, per_channel=per_channel, fusion=fusion, keep_fp32_ops=keep_fp32_ops,
+                target=target,
                 budgets=budgets, parity_n=parity_n, task_frames=task_frames, threads=threads, reference=reference,
                 reference_wall=reference_wall, progress=progress,
                 stage_peak=lambda mode_peak=mode_peak: max(shared_peak.peak_bytes, mode_peak.peak_bytes)))
@@ -238,7 +243,7 @@ def quantize_modes(src: str | os.PathLike, modes: str | Sequence[str], *, out_di
 
 def _quantize_one(source: SourceModel, mode: str, engine: str, out: Path, *, tag: str, all_modes: tuple[str, ...],
                   episodes, calib, calib_feeds, calib_frames, calib_method, per_channel, fusion, keep_fp32_ops,
-                  budgets: Budgets, parity_n, task_frames, threads, reference: Reference, reference_wall,
+                  target: Int8Target, budgets: Budgets, parity_n, task_frames, threads, reference: Reference, reference_wall,
                   progress: bool, stage_peak: Callable[[], int]) -> QuantizeResult:
     """Convert, gate, publish and write the manifest of one mode; the verdict is in the manifest, never raised."""
     suffix, variant, precision = MODES[mode]
@@ -250,11 +255,12 @@ def _quantize_one(source: SourceModel, mode: str, engine: str, out: Path, *, tag
         with mf.measured() as timing:
             details = _convert(mode, engine, source, staged, work, calib_feeds=calib_feeds,
                                calib_method=calib_method, per_channel=per_channel, fusion=fusion,
-                               keep_fp32_ops=keep_fp32_ops, reference=reference)
+                               keep_fp32_ops=keep_fp32_ops, reference=reference, target=target)
         shutil.rmtree(work, ignore_errors=True)
         step(tag + "accuracy gate: ONNX Runtime vs PyTorch fp32")
         t0 = time.perf_counter()
-        result, failures = gates.evaluate(staged, precision, reference, budgets, threads=threads)
+        result, failures = gates.evaluate(staged, precision, reference, budgets, threads=threads,
+                                            variant=variant)
         gate_wall = round(time.perf_counter() - t0, 3)
         staged_files = mf.artifact_files(staged)
         # A stale manifest must never describe the new bytes, even for a moment.
@@ -263,6 +269,7 @@ def _quantize_one(source: SourceModel, mode: str, engine: str, out: Path, *, tag
         published = mf.publish(staged_files, out.parent)[0]
 
     total = mf.total_bytes(published)
+    host_kernels = mf.cpu_features()["int8_kernels"]
     settings = {"mode": mode, "engine": engine, "per_channel": per_channel, "fusion_option": fusion,
                 "calib": str(Path(calib).resolve()) if calib and mode == "static" else None,
                 "calib_frames": calib_frames if mode == "static" else None,
@@ -270,10 +277,14 @@ def _quantize_one(source: SourceModel, mode: str, engine: str, out: Path, *, tag
                 "calib_state": ("recurrent state of each frame from a rollout of the fp32 ONNX over whole training "
                                 "episodes" if mode == "static" and source.spec.state else None),
                 "keep_fp32_ops": list(keep_fp32_ops) if mode == "fp16" else None,
+                # The CPU the INT8 weights were ranged for, what that means, and what judged it here (the manifest's
+                # machine record has the full feature list).
+                "target_cpu": target.record(mode) | {
+                    "gate_host_int8_kernels": host_kernels,
+                    "note": host_note(target, host_kernels)} if precision == "int8" else None,
                 "episodes": str(Path(episodes).resolve()) if episodes else None,
                 "parity_n": parity_n, "task_frames": task_frames,
-                "budgets": {"tol_fp16": budgets.tol_fp16, "tol_int8": budgets.tol_int8,
-                            "max_task_mae_increase": budgets.max_task_mae_increase},
+                "budgets": budgets.record(),
                 # the modes of this call, which shared one fp32 reference
                 "modes_in_call": list(all_modes),
                 **details}
@@ -317,7 +328,7 @@ def _recurrent_calibration(source: SourceModel, calib, calib_frames: int) -> dic
 
 
 def _convert(mode: str, engine: str, source: SourceModel, staged: Path, work: Path, *, calib_feeds, calib_method,
-             per_channel, fusion, keep_fp32_ops, reference: Reference) -> dict[str, Any]:
+             per_channel, fusion, keep_fp32_ops, reference: Reference, target: Int8Target) -> dict[str, Any]:
     from vla_export.quantize import ort_quant
 
     if mode == "fp16":
@@ -327,10 +338,12 @@ def _convert(mode: str, engine: str, source: SourceModel, staged: Path, work: Pa
     if mode == "static":
         return ort_quant.static_int8(source.path, staged, work, feeds=calib_feeds,
                                      input_names=source.spec.input_names, calib_method=calib_method,
-                                     per_channel=per_channel)
+                                     per_channel=per_channel, reduce_range=target.reduce_range)
     if engine == "streaming":
         from vla_export.quantize.streaming import quantize_dynamic_streaming
 
-        return quantize_dynamic_streaming(source.path, staged, per_channel=per_channel, fusion=fusion)
+        return quantize_dynamic_streaming(source.path, staged, per_channel=per_channel, fusion=fusion,
+                                          reduce_range=target.reduce_range)
     return ort_quant.dynamic_int8(source.path, staged, work, per_channel=per_channel, fusion=fusion,
+                                  reduce_range=target.reduce_range,
                                   choose_feeds=reference.parity_feeds, choose_ref=reference.parity_out)

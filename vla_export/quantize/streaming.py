@@ -10,8 +10,8 @@ the largest single tensor (the 0.53 GB Kosmos-2 token embedding on full) and its
 The rewrite is the one ORT's dynamic quantizer emits, so ORT runs it with the same kernels:
 - MatMul(A, W) with W a 2-D fp32 initializer -> DynamicQuantizeLinear(A) -> MatMulInteger(A_q, W_q, A_zp, W_zp)
   -> Cast(float) -> Mul by (A_scale * W_scale). W is signed INT8, symmetric (zero point 0), per output column
-  (per-channel) or per tensor, with ORT's 7-bit reduced range for MatMulInteger weights (no u8*s8 saturation on
-  AVX2 CPUs without VNNI). One DynamicQuantizeLinear per activation, shared by the MatMuls reading it (Q/K/V).
+  (per-channel) or per tensor, in the range of `--target-cpu` (targets.py): ORT's 7-bit reduced range [-64, 64]
+  for `portable` (no u8*s8 saturation on AVX2 CPUs without VNNI), the full [-127, 127] for `vnni`/`arm64`. One DynamicQuantizeLinear per activation, shared by the MatMuls reading it (Q/K/V).
 - Gather(E, ids) with E a 2-D fp32 initializer (token embeddings) -> Gather(E_q, ids) -> DequantizeLinear(scale).
 Everything else (Conv, Gemm, LayerNorm, biases) stays fp32 and its bytes are copied through unchanged.
 Before that, ORT's Gelu-family fusions run on the weightless graph (they need only biases and scalar constants).
@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 ALIGN = 64
-# ORT's ranges: MatMulInteger weights use reduce_range (7 bits), gathered tables the full signed range.
-MATMUL_QMAX = 64
+# ORT's ranges: MatMulInteger weights [-64, 64] with reduce_range (7 bits) or [-127, 127] without; gathered tables
+# the full signed range (they are dequantized, never an integer GEMM operand).
+MATMUL_QMAX_REDUCED = 64
+MATMUL_QMAX_FULL = 127
 GATHER_QMAX = 127
 
 
@@ -200,8 +202,8 @@ def onnx_opset(domain: str, version: int):
     return helper.make_opsetid(domain, version)
 
 
-def quantize_dynamic_streaming(src: Path, out_path: Path, per_channel: bool = True,
-                               fusion: str = "auto") -> dict[str, Any]:
+def quantize_dynamic_streaming(src: Path, out_path: Path, per_channel: bool = True, fusion: str = "auto",
+                               reduce_range: bool = True) -> dict[str, Any]:
     import onnx
     from onnx import helper
 
@@ -231,6 +233,7 @@ def quantize_dynamic_streaming(src: Path, out_path: Path, per_channel: bool = Tr
     gather_w = {n.input[0] for n in graph.node if n.op_type == "Gather" and fp32_2d(n.input[0])
                 and only_used_as(n.input[0], "Gather", 0)}
 
+    matmul_qmax = MATMUL_QMAX_REDUCED if reduce_range else MATMUL_QMAX_FULL
     reader = _ExternalReader(src.parent)
     data_path = out_path.with_name(out_path.name + ".data")
     writer = _ExternalWriter(data_path)
@@ -242,7 +245,7 @@ def quantize_dynamic_streaming(src: Path, out_path: Path, per_channel: bool = Tr
             if name in matmul_w or name in gather_w:
                 w = reader.array(init)
                 is_mm = name in matmul_w
-                q, scale = _symmetric_int8(w, MATMUL_QMAX if is_mm else GATHER_QMAX,
+                q, scale = _symmetric_int8(w, matmul_qmax if is_mm else GATHER_QMAX,
                                            1 if (is_mm and per_channel) else None)
                 counts["fp32_bytes_quantized"] += int(w.nbytes)
                 counts["matmul_weights" if is_mm else "gather_tables"] += 1
@@ -298,7 +301,9 @@ def quantize_dynamic_streaming(src: Path, out_path: Path, per_channel: bool = Tr
     # Rewritten nodes keep the original output names and float types, so the graph's value_info stays valid.
     onnx.save_model(model, str(out_path))
     return {"engine": "streaming", "weight_type": "QInt8 symmetric", "per_channel": per_channel,
-            "matmul_weight_range": f"+-{MATMUL_QMAX} (ORT reduce_range)", "gather_range": f"+-{GATHER_QMAX}",
+            "reduce_range": reduce_range,
+            "matmul_weight_range": f"+-{matmul_qmax}" + (" (ORT reduce_range)" if reduce_range else " (full)"),
+            "gather_range": f"+-{GATHER_QMAX}",
             **counts, "pre_process": {"used": "none (no shape inference needed: only constant-weight MatMul and "
                                               "Gather are rewritten)"},
             "fusion": fusion_info}

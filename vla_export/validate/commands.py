@@ -11,6 +11,7 @@ from vla_export.errors import UserError
 from vla_export.validate.validate import DEFAULT_TOLERANCES
 
 _TOL = {p: f"{t['parity_mae']:g}" for p, t in DEFAULT_TOLERANCES.items()}
+_RTOL = {p: f"{t['parity_rel_l2']:g}" for p, t in DEFAULT_TOLERANCES.items()}
 
 
 def _console():
@@ -42,6 +43,15 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--max-task-mae-increase", type=float, default=None,
               show_default=f"{DEFAULT_TOLERANCES['fp32']['task_mae_increase']:g}",
               help="Largest allowed rise of the task action MAE over the reference's (absolute, action units).")
+@click.option("--rtol", type=float, default=None, show_default=_RTOL["fp32"],
+              help="Relative L2 error budget (||out - ref|| / ||ref|| of actions) for fp32 artifacts.")
+@click.option("--rtol-fp16", type=float, default=None, show_default=_RTOL["fp16"],
+              help="Relative L2 error budget for fp16 artifacts.")
+@click.option("--rtol-int8", type=float, default=None, show_default=_RTOL["int8"],
+              help="Relative L2 error budget for int8 artifacts.")
+@click.option("--max-task-mae-rel-increase", type=float, default=None,
+              show_default=f"{DEFAULT_TOLERANCES['fp32']['task_mae_rel_increase']:g}",
+              help="Largest allowed rise of the task action MAE as a share of the reference's own task MAE.")
 @click.option("--episodes", type=click.Path(), default=None,
               help="Episode directory: parity on its frames, task MAE against its actions, LSTM rollouts per episode.")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
@@ -54,14 +64,16 @@ def _int_list(text: str, option: str) -> list[int]:
                    "pip install 'vla-export[ray]'.")
 @click.option("--ray-address", default=None, help="Ray cluster for --ray (host:port, 'auto') [default: a local one].")
 @click.option("--ray-actors", type=int, default=2, show_default=True, help="Actors (ORT sessions) for --ray.")
-def validate_cmd(paths, tol, tol_fp16, tol_int8, max_task_mae_increase, episodes, split, max_frames, n, batch, output,
-                 use_ray, ray_address, ray_actors):
+def validate_cmd(paths, tol, tol_fp16, tol_int8, max_task_mae_increase, rtol, rtol_fp16, rtol_int8,
+                 max_task_mae_rel_increase, episodes, split, max_frames, n, batch, output, use_ray, ray_address,
+                 ray_actors):
     """Check every artifact against the PyTorch fp32 reference of its source checkpoint.
 
     Finds artifacts through their manifests (default: artifacts/), rebuilds each source checkpoint's model once,
     and runs every artifact (ONNX Runtime per execution provider, TensorRT, AOTInductor) on the same inputs:
     parity (MAE, max abs, relative L2, cosine) at batch 1 and 4, LSTM rollouts, task action MAE with --episodes.
-    Fails an artifact whose files changed since it was built, or whose checkpoint changed (stale). A backend this
+    Each budget is checked twice, absolutely (--tol*, --max-task-mae-increase) and relative to the reference's
+    scale (--rtol*, --max-task-mae-rel-increase); both must hold. Fails an artifact whose files changed since it was built, or whose checkpoint changed (stale). A backend this
     machine cannot run is skipped, not failed. Exits 0 only if every artifact passes; numbers go to validation.json.
 
     \b
@@ -82,9 +94,11 @@ def validate_cmd(paths, tol, tol_fp16, tol_int8, max_task_mae_increase, episodes
 
         run = partial(validate_with_ray, address=ray_address, actors=ray_actors)
     report = run(list(paths) or ["artifacts"],
-                      tolerances=resolve_tolerances(tol, tol_fp16, tol_int8, max_task_mae_increase), n=n,
-                      batch_sizes=_int_list(batch, "--batch"), episodes_dir=episodes, split=split,
-                      max_frames=max_frames, output=output, command=_command_line())
+                 tolerances=resolve_tolerances(tol, tol_fp16, tol_int8, max_task_mae_increase, rtol=rtol,
+                                               rtol_fp16=rtol_fp16, rtol_int8=rtol_int8,
+                                               max_task_mae_rel_increase=max_task_mae_rel_increase), n=n,
+                 batch_sizes=_int_list(batch, "--batch"), episodes_dir=episodes, split=split,
+                 max_frames=max_frames, output=output, command=_command_line())
     _console().print(results_table(report))
     for r in report.get("results", []):
         if r.get("judged_elsewhere"):

@@ -41,14 +41,17 @@ ACTIONS = "actions"
 # 1.3e-7 on the full model, AOTInductor 3e-8 on tiny), so 1e-4 is three orders above noise and still catches a wrong
 # weight or op. fp16: ~1e-4 measured on GPU; 1e-3 leaves room for longer reductions. int8: 0.007-0.024 measured on
 # random weights; a single fp32-sized tolerance cannot judge it, so it is held mainly to the task budget.
+# Each absolute entry has a twin relative to the reference's scale (metrics.DEFAULT_PARITY_REL_L2, measured and
+# explained there): `parity_rel_l2` (||out - ref|| / ||ref|| of actions) and `task_mae_rel_increase` (the task MAE
+# rise as a share of the reference's own task MAE). Both of a pair must hold.
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"parity_mae": 1e-4, "task_mae_increase": 0.01},
-    "fp16": {"parity_mae": 1e-3, "task_mae_increase": 0.01},
-    "bf16": {"parity_mae": 1e-2, "task_mae_increase": 0.01},
-    "int8": {"parity_mae": 0.05, "task_mae_increase": 0.01},
+    p: {"parity_mae": mae, "task_mae_increase": 0.01, "parity_rel_l2": metrics.DEFAULT_PARITY_REL_L2[p],
+        "task_mae_rel_increase": metrics.DEFAULT_TASK_MAE_REL_INCREASE}
+    for p, mae in (("fp32", 1e-4), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 0.05))
 }
-# Variant-specific entries (e.g. {"ort-int8-static": {"parity_mae": 0.08}}) override their precision's; none today.
-DEFAULT_VARIANT_TOLERANCES: dict[str, dict[str, float]] = {}
+# Variant-specific entries override their precision's: static INT8's relative budget (metrics.py says why).
+DEFAULT_VARIANT_TOLERANCES: dict[str, dict[str, float]] = {
+    v: {"parity_rel_l2": rel} for v, rel in metrics.DEFAULT_VARIANT_PARITY_REL_L2.items()}
 DEFAULT_N = 16
 DEFAULT_BATCH_SIZES = (1, 4)
 TASK_BATCH = 8
@@ -56,26 +59,43 @@ TASK_BATCH = 8
 
 # -- tolerances ------------------------------------------------------------------------------------------------------
 def resolve_tolerances(tol: float | None = None, tol_fp16: float | None = None, tol_int8: float | None = None,
-                       max_task_mae_increase: float | None = None) -> dict[str, Any]:
+                       max_task_mae_increase: float | None = None, *, rtol: float | None = None,
+                       rtol_fp16: float | None = None, rtol_int8: float | None = None,
+                       max_task_mae_rel_increase: float | None = None) -> dict[str, Any]:
     """The gate table: defaults with the CLI's overrides applied. Written verbatim into validation.json."""
     precisions = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
-    for precision, value in (("fp32", tol), ("fp16", tol_fp16), ("int8", tol_int8)):
-        if value is not None:
-            if value <= 0:
-                raise UserError(f"tolerance for {precision} must be > 0, got {value}")
-            precisions[precision]["parity_mae"] = float(value)
+    variants = {k: dict(v) for k, v in DEFAULT_VARIANT_TOLERANCES.items()}
+    for key, word, values in (("parity_mae", "tolerance", (("fp32", tol), ("fp16", tol_fp16), ("int8", tol_int8))),
+                              ("parity_rel_l2", "relative tolerance",
+                               (("fp32", rtol), ("fp16", rtol_fp16), ("int8", rtol_int8)))):
+        for precision, value in values:
+            if value is not None:
+                if value <= 0:
+                    raise UserError(f"{word} for {precision} must be > 0, got {value}")
+                precisions[precision][key] = float(value)
+                if key == "parity_rel_l2":  # an explicit budget for a precision covers its variants too
+                    for variant, entry in variants.items():
+                        if precision in variant.split("-"):
+                            entry.pop("parity_rel_l2", None)
+    if max_task_mae_rel_increase is not None:
+        if max_task_mae_rel_increase < 0:
+            raise UserError(f"--max-task-mae-rel-increase must be >= 0, got {max_task_mae_rel_increase}")
+        for entry in precisions.values():
+            entry["task_mae_rel_increase"] = float(max_task_mae_rel_increase)
     if max_task_mae_increase is not None:
         if max_task_mae_increase < 0:
             raise UserError(f"--max-task-mae-increase must be >= 0, got {max_task_mae_increase}")
         for entry in precisions.values():
             entry["task_mae_increase"] = float(max_task_mae_increase)
-    return {"precision": precisions, "variant": {k: dict(v) for k, v in DEFAULT_VARIANT_TOLERANCES.items()}}
+    return {"precision": precisions, "variant": {k: v for k, v in variants.items() if v}}
 
 
 def tolerance_for(table: dict[str, Any], precision: str, variant: str | None) -> dict[str, float]:
     """A precision's gate, with its variant's entries on top. Unknown precisions get the strictest (fp32) gate."""
     base = dict(table["precision"].get(precision, table["precision"]["fp32"]))
-    return base | table["variant"].get(variant or "", {})
+    # A table written before the relative budgets existed (an older validation.json or bundle) gets their defaults.
+    defaults = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+    return defaults | base | table["variant"].get(variant or "", {})
 
 
 # -- discovery -------------------------------------------------------------------------------------------------------
@@ -427,6 +447,7 @@ def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Re
             result["parity_mae"] = max(g["mae"] for g in gated)
             result["parity_max_abs"] = max(g["max_abs"] for g in gated)
             result["parity_cosine"] = min(g["cosine"] for g in gated)
+            result["parity_rel_l2"] = max(g["rel_l2"] for g in gated)
         if ref_spec.state:
             # Without task data, the N parity inputs stand in for one episode of N consecutive frames.
             feeds, episodes = ((inputs.task.feeds, inputs.episodes) if inputs.task is not None
@@ -436,6 +457,7 @@ def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Re
             result["rollout"]["episodes"] = len(episodes)
             gated.append(result["rollout"][ACTIONS])
             result["parity_mae"] = max(result.get("parity_mae", 0.0), result["rollout"][ACTIONS]["mae"])
+            result["parity_rel_l2"] = max(result.get("parity_rel_l2", 0.0), result["rollout"][ACTIONS]["rel_l2"])
         if inputs.task is not None:
             names = [str(inputs.task.episode[idx[0]]) for idx in inputs.episodes]
             truth = np.asarray(inputs.task.actions, dtype=np.float64)
@@ -459,12 +481,24 @@ def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Re
 
     if not all(g["finite"] for g in gated):
         result["reasons"].append("outputs contain NaN or Inf")
-    elif "parity_mae" in result and result["parity_mae"] > tol["parity_mae"]:
-        result["reasons"].append(f"parity MAE {result['parity_mae']:.3g} > tol {tol['parity_mae']:.3g} "
-                                 f"({artifact.precision})")
+    else:
+        if "parity_mae" in result and result["parity_mae"] > tol["parity_mae"]:
+            result["reasons"].append(f"parity MAE {result['parity_mae']:.3g} > tol {tol['parity_mae']:.3g} "
+                                     f"({artifact.precision})")
+        worst_rel = max(gated, key=lambda g: g["rel_l2"]) if gated else None
+        rel_line = worst_rel and metrics.relative_failure(ACTIONS, worst_rel, tol["parity_rel_l2"])
+        if rel_line:
+            result["reasons"].append(f"{rel_line} ({artifact.precision})")
     if "task" in result and result["task"]["increase"] > tol["task_mae_increase"]:
         result["reasons"].append(f"task MAE rose {result['task']['increase']:.3g} > "
                                  f"{tol['task_mae_increase']:.3g} over the reference")
+    if "task" in result:
+        result["task"]["rel_increase"] = (result["task"]["increase"] / result["task"]["reference_mae"]
+                                          if result["task"]["reference_mae"] > 0 else None)
+        rel_task = metrics.task_relative_failure(result["task"]["increase"], result["task"]["reference_mae"],
+                                                 tol["task_mae_rel_increase"])
+        if rel_task:
+            result["reasons"].append(rel_task)
     return _finish(result)
 
 
@@ -604,17 +638,18 @@ def results_table(report: dict[str, Any]):
 
     table = Table(title=f"validation ({report['counts']['passed']} passed, {report['counts']['failed']} failed, "
                         f"{report['counts']['skipped']} skipped)")
-    for col in ("artifact", "backend", "device", "precision", "parity MAE", "tol", "max abs", "cosine", "task MAE",
-                "Δ task", "verdict"):
+    for col in ("artifact", "backend", "device", "precision", "parity MAE", "tol", "rel L2", "rtol", "max abs",
+                "cosine", "task MAE", "Δ task", "Δ/ref", "verdict"):
         left = col in ("artifact", "backend", "device", "verdict")
         table.add_column(col, justify="left" if left else "right", no_wrap=col != "verdict")
     style = {"passed": "green", "failed": "red", "skipped": "yellow"}
     for r in report["results"]:
         task = r.get("task") or {}
         table.add_row(r["artifact"], r["backend"], device_label(r["device"], r["provider"]), r["precision"],
-                      _fmt(r.get("parity_mae")), _fmt(r["tolerance"]["parity_mae"]), _fmt(r.get("parity_max_abs")),
+                      _fmt(r.get("parity_mae")), _fmt(r["tolerance"]["parity_mae"]), _fmt(r.get("parity_rel_l2")),
+                      _fmt(r["tolerance"].get("parity_rel_l2")), _fmt(r.get("parity_max_abs")),
                       _fmt(r.get("parity_cosine"), ".6f"), _fmt(task.get("mae"), ".4f"),
-                      _fmt(task.get("increase"), "+.3g"),
+                      _fmt(task.get("increase"), "+.3g"), _fmt(task.get("rel_increase"), "+.1%"),
                       f"[{style[r['status']]}]{_escape(r['verdict'])}[/]")
     return table
 
