@@ -109,3 +109,17 @@ def test_validate_reports_the_swap_for_every_artifact(tiny, tmp_path):
     per_action = result["task"]["per_action_mae"]
     assert list(per_action) == ["linear_x", "linear_y"]
     assert np.mean(list(per_action.values())) == pytest.approx(result["task"]["mae"], rel=1e-9)
+    # report.md: a task-MAE column per action dimension and the swap figure, from this validation.json
+    from vla_export.validate.profile import profile
+    from vla_export.validate.report import build_report
+
+    profile([artifacts], warmup=1, iters=2, batches=(1,), isolate=False, progress=False)
+    rendered = build_report(artifacts)
+    md = (artifacts / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| rank |"))
+    assert "| task MAE | task MAE linear_x | task MAE linear_y | swap MAE wrong/right |" in header
+    row = next(r for r in rendered["rows"] if r["artifact"] == "model.onnx")
+    assert row["task_mae_per_action"] == per_action
+    assert f"{per_action['linear_y']:.4f}" in next(line for line in md.splitlines() if "| model.onnx |" in line)
+    eager = next(r for r in rendered["rows"] if r["status"] == "reference")
+    assert eager["task_mae_per_action"] == ref["task"]["per_action_mae"] and eager["instruction_swap"]
