@@ -193,7 +193,9 @@ class SpatialPool(nn.Module):
         q = self.query(self.query_norm(query)).view(b, self.heads, 1, SPATIAL_KEY_DIM)  # [B, H, 1, dk]
         # unscaled dot product: sharper than 1/sqrt(dk) from the start, so the coordinates move with the keys
         weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [B, H, 1, N]
-        where = weights @ self.coords.to(weights.dtype)  # [B, H, 1, 2]
+        # a weighted sum, not a MatMul with a constant: INT8 static quantization would take that for a weight
+        # MatMul and quantize the softmax output it shares with `weights @ v` (kept float, activation x activation)
+        where = (weights.transpose(-1, -2) * self.coords.to(weights.dtype)).sum(-2, keepdim=True)  # [B, H, 1, 2]
         what = weights @ v  # [B, H, 1, dv]
         return where, what
 
