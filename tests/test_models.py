@@ -155,3 +155,88 @@ def test_towers_load_local_pretrained_directories(tmp_path, tiny):
         assert torch.equal(tensor, again.kosmos.state_dict()[name]), name
     for name, tensor in model.clip.state_dict().items():
         assert torch.equal(tensor, again.clip.state_dict()[name]), name
+
+
+def test_action_normalization_is_inside_the_graph(tiny):
+    """The head predicts standardised actions; mean/std buffers de-normalise them in forward (so in every export)."""
+    model, spec = tiny
+    f = _torch_feeds(spec, batch=2, seed=3)
+    mean, std = torch.tensor([0.2, -0.1]), torch.tensor([0.15, 0.05])
+    with torch.no_grad():
+        raw = model(**f)
+        model.set_action_normalization(mean, std)
+        scaled = model(**f)
+        model.set_action_normalization(torch.zeros(2), torch.ones(2))
+    raw, scaled = (raw[0], scaled[0]) if isinstance(raw, tuple) else (raw, scaled)
+    torch.testing.assert_close(scaled, raw * std + mean, rtol=1e-5, atol=1e-6)
+    assert {"action_mean", "action_std"} <= set(model.state_dict())
+
+
+def test_spatial_branch_reads_where_the_patches_are():
+    """Each head's pooled coordinates are the attention-weighted patch positions: a head that attends to one patch
+    returns that patch's (x, y), left to right in row-major order."""
+    pool = kosmos2_clip.SpatialPool(patch_dim=8, query_dim=4, grid=4, heads=1, out_dim=8, patch_size=2)
+    assert pool.coords.shape == (16, 2)
+    assert pool.coords[0].tolist() == [-1.0, -1.0] and pool.coords[3].tolist() == [1.0, -1.0]
+    assert pool.coords[12].tolist() == [-1.0, 1.0]
+    # keys that read only the red channel's patch mean, a query that asks for it: attention finds the red patch
+    with torch.no_grad():
+        for layer in (pool.key, pool.query):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        pool.key.weight[0, 8] = 10.0  # key dim 0 <- the patch's mean red
+        pool.query.bias[0] = 10.0
+    for row, col in ((1, 3), (2, 0)):
+        pixels = torch.zeros(1, 3, 8, 8)
+        pixels[0, 0, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = 1.0  # one red 2x2 patch in an 8x8 image
+        where, _ = pool.locate(torch.randn(1, 16, 8), pixels, torch.randn(1, 4))
+        torch.testing.assert_close(where[0, 0, 0], torch.tensor([-1 + 2 * col / 3, -1 + 2 * row / 3]),
+                                   atol=1e-3, rtol=0)
+    assert "spatial.coords" not in kosmos2_clip.Kosmos2ClipPolicy(
+        kosmos2_clip.resolve_config("tiny")).state_dict()  # derived, not a weight
+
+
+def _legacy_state(model) -> dict:
+    """The original scripts' layout: no spatial branch, no normalisation buffers."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith("spatial.") and k not in ("action_mean", "action_std")}
+
+
+def test_original_layout_pth_loads_with_identity_normalization(tmp_path):
+    from vla_export.checkpoint import load_checkpoint
+
+    cfg = kosmos2_clip.resolve_config("tiny", {"spatial_heads": 0, "action_norm": False})
+    torch.manual_seed(0)
+    original, spec = build_model(ARCH, cfg)
+    assert original.spatial is None and original.action_mean is None
+    path = tmp_path / "best_model.pth"
+    torch.save({"epoch": 1, "model_state_dict": original.state_dict()}, path)
+    loaded = load_checkpoint(path, preset="tiny")
+    assert loaded.model.spatial is None and loaded.model.action_mean is None
+    assert loaded.config["model_config"]["spatial_heads"] == 0
+    assert loaded.model.state_dict().keys() == original.state_dict().keys()
+    f = _torch_feeds(spec, batch=2, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**f), original(**f), rtol=0, atol=0)
+    # the demo preset builds the spatial branch and the buffers; the original layout is its subset, same shapes
+    demo, _ = build_model(ARCH, kosmos2_clip.resolve_config("tiny"))
+    assert demo.spatial is not None
+    legacy = _legacy_state(demo)
+    assert {k: tuple(v.shape) for k, v in legacy.items()} == {k: tuple(v.shape) for k, v in
+                                                               original.state_dict().items()}
+
+
+def test_native_checkpoint_written_before_the_new_layout_loads(tmp_path):
+    """config.json of an older native checkpoint has neither key: it builds the original layout."""
+    import json
+
+    from vla_export.checkpoint import load_checkpoint, make_config, save_checkpoint
+
+    config = make_config(ARCH, "tiny", {"spatial_heads": 0, "action_norm": False})
+    model, _ = build_model(ARCH, config["model_config"])
+    for key in ("spatial_heads", "action_norm"):
+        del config["model_config"][key]
+    out = save_checkpoint(model, tmp_path / "old", config)
+    assert "spatial_heads" not in json.loads((out / "config.json").read_text())["model_config"]
+    loaded = load_checkpoint(out)
+    assert loaded.model.spatial is None and loaded.model.action_mean is None

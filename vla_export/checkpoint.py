@@ -264,9 +264,14 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, arch: str |
         state = None
     else:
         state, meta = _legacy_state_dict(path, trust)
+        state = apply_renames(state, rename)
+        if (arch or "kosmos2-clip-hybrid") == "kosmos2-clip-hybrid":
+            from vla_export.models.kosmos2_clip import legacy_overrides
+
+            # the original scripts' files have no spatial branch and no normalisation buffers: build that layout
+            overrides = legacy_overrides(state, overrides)
         config = make_config(arch or "kosmos2-clip-hybrid", preset or "full", overrides,
                              training={"legacy": {k: v for k, v in meta.items() if _jsonable(v)}})
-        state = apply_renames(state, rename)
     try:
         # Every weight is overwritten from the file next, so skip random init (46 s for the full preset).
         with _no_weight_init():

@@ -4,8 +4,10 @@ Every frame goes through `Preprocessor` (built from the very config and tokenize
 so the tensors the model is trained on are the tensors deployment produces. The split is by episode
 (`split_episodes`), and its seed/fraction are recorded in config.json `training` so validation reuses it.
 
-Loss: Huber on actions standardised by the training set's per-dimension std, with the action head's bias set to the
-training mean so the untrained model already predicts the mean and the model outputs stay in physical units.
+Loss: Huber on actions standardised by the training set's per-dimension std. Where the model has normalisation
+buffers (`action_norm`, the default), the train mean/std go into them and the head predicts standardised actions
+(bias zero: the untrained model predicts the mean); the model de-normalises in forward, so its outputs, and every
+exported graph's, stay in physical units. Original-layout models get the mean as the head's bias instead.
 The LSTM head trains on short windows (truncated BPTT) with zero initial state; validation rolls it over whole
 episodes from zero state, as a robot would.
 
@@ -225,7 +227,7 @@ def _sequence_actions(model, feeds: dict[str, torch.Tensor], batch: int, steps: 
     outs = []
     for t in range(steps):
         h, c = model.temporal(fused[:, t], (h, c))
-        outs.append(model.action_head(h))
+        outs.append(model.head_actions(h))
     return torch.stack(outs, dim=1).reshape(batch * steps, -1)
 
 
@@ -243,7 +245,7 @@ def predict_frames(model, data: FrameSet, model_config: dict[str, Any], batch_si
             c = fused.new_zeros(1, model.cfg["head_dim"])
             for t in range(len(ep)):
                 h, c = model.temporal(fused[t:t + 1], (h, c))
-                preds.append(model.action_head(h).numpy())
+                preds.append(model.head_actions(h).numpy())
         return np.concatenate(preds)
     out = []
     for i in range(0, len(data), batch_size):
@@ -331,8 +333,15 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
     if signs is not None:
         # mirrored frames are half the data: their mean is the mirror of the train mean
         mean = (mean + mean * signs) / 2
+    normalized = getattr(model, "action_mean", None) is not None
     with torch.no_grad():
-        model.action_head.bias.copy_(torch.from_numpy(mean))
+        if normalized:
+            # the head predicts standardised actions; the model de-normalises with the train statistics, which
+            # travel in its buffers (and so in every exported graph)
+            model.set_action_normalization(torch.from_numpy(mean), torch.from_numpy(std))
+            model.action_head.bias.zero_()
+        else:
+            model.action_head.bias.copy_(torch.from_numpy(mean))
         model.action_head.weight.mul_(0.1)
     scale = torch.from_numpy(std)
 
@@ -418,6 +427,7 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
                 val_mae = float(errors.mean())
                 history.append({"epoch": epoch, "step": step,
                                 "train_loss": float(np.mean(losses[-steps_per_epoch:])), "val_mae": val_mae,
+                                "val_mae_per_action": [round(float(x), 5) for x in errors.mean(0)],
                                 "elapsed_s": round(time.perf_counter() - t_train, 2)})
                 progress.update(task, val=f"{val_mae:.4f}", epoch=epoch)
     if ema is not None:
@@ -457,6 +467,8 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
         "weight_decay": settings.weight_decay,
         "ema_decay": settings.ema_decay,
         "mirror_augmentation": signs is not None,
+        "action_normalization": {"mean": [float(x) for x in mean], "std": [float(x) for x in std]}
+        if normalized else None,
         "pixel_cache": cached,
         "time_budget_s": budget,
         "wall_s": round(wall, 2),

@@ -61,6 +61,9 @@ class Episode:
     images: np.ndarray  # [T, H, W, 3] uint8
     actions: np.ndarray  # [T, A] float32, A >= 2
     instruction: str
+    # the cups in view, when the file says (synthetic episodes do): ("red", "blue") is a two-cup scene, where the
+    # instruction's colour decides which cup to track (`vla_export.validate.instruction`)
+    cup_colours: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -99,6 +102,7 @@ def load_episode(path: str | os.PathLike) -> Episode:
         images = f["images"][()]
         actions = f["actions"][()]
         instruction = f.attrs.get("instruction", DEFAULT_INSTRUCTION)
+        cups = f.attrs.get("cup_colours", "")
     if isinstance(instruction, bytes):
         instruction = instruction.decode("utf-8")
     instruction = str(instruction)
@@ -117,7 +121,10 @@ def load_episode(path: str | os.PathLike) -> Episode:
     actions = actions.astype(np.float32, copy=False)
     if not np.isfinite(actions).all():
         raise UserError(f"episode {path}: actions contain NaN or Inf; fix or drop this episode")
-    return Episode(name=path.stem, images=images, actions=actions, instruction=instruction)
+    if isinstance(cups, bytes):
+        cups = cups.decode("utf-8")
+    cup_colours = tuple(c for c in str(cups).split(",") if c)
+    return Episode(name=path.stem, images=images, actions=actions, instruction=instruction, cup_colours=cup_colours)
 
 
 def split_episodes(paths: list[Path], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Path], list[Path]]:
@@ -148,6 +155,8 @@ def write_episode(path: str | os.PathLike, episode: Episode) -> Path:
         f.create_dataset("actions", data=np.asarray(episode.actions, dtype=np.float32))
         f.attrs["instruction"] = episode.instruction
         f.attrs["action_names"] = ",".join(ACTION_NAMES[: episode.actions.shape[1]])
+        if episode.cup_colours:
+            f.attrs["cup_colours"] = ",".join(episode.cup_colours)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
@@ -260,12 +269,14 @@ def synth_episode(index: int, seed: int = 0, frames: int = DEFAULT_FRAMES,
     heading = rng.uniform(-math.pi, math.pi)
     target_vel = rng.uniform(0.1, 0.3) * np.array([math.cos(heading), math.sin(heading)])
     objects = [target]
+    cup_colours = (colour,)
     if two_cups:
         other = "blue" if colour == "red" else "red"
         ob = bearing + rng.choice([-1, 1]) * rng.uniform(0.25, 0.45)
         od = rng.uniform(2.0, 4.5)
         objects.append({"kind": "cup", "pos": np.array([od * math.cos(ob), od * math.sin(ob)]),
                         "radius": CUP_RADIUS_M, "height": CUP_HEIGHT_M, "colour": CUP_COLOURS[other]})
+        cup_colours = (colour, other)
     obstacles = []
     for _ in range(int(rng.integers(1, 4))):
         # beside the path to the cup, not on it: the robot must pass them, but the cup stays in view
@@ -291,7 +302,8 @@ def synth_episode(index: int, seed: int = 0, frames: int = DEFAULT_FRAMES,
         c, s = math.cos(robot[2]), math.sin(robot[2])
         robot = robot + DT_S * np.array([c * act[0] - s * act[1], s * act[0] + c * act[1], act[2]])
         target["pos"] = target["pos"] + DT_S * target_vel
-    return Episode(name=f"episode_{index:04d}", images=images, actions=actions, instruction=instruction)
+    return Episode(name=f"episode_{index:04d}", images=images, actions=actions, instruction=instruction,
+                   cup_colours=cup_colours)
 
 
 def synth_episodes(out_dir: str | os.PathLike, count: int = 72, seed: int = 0, frames: int = DEFAULT_FRAMES,

@@ -56,6 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "fusion_dim": 128,
         "head_dim": 64,
+        # The demo model: pooled tokens lose where the cup is left-right, which linear_y follows (docs/benchmarks.md)
+        "spatial_heads": 4,
     },
     # CPU benchmarks: tens of millions of parameters, same shape of computation as `full`.
     "small": {
@@ -99,6 +101,12 @@ DEFAULTS: dict[str, Any] = {
     "max_batch": 8,  # upper bound of the dynamic batch dim (TensorRT profile max, torch.export bound)
     "image_size": 224,
     "dropout": 0.0,
+    # Instruction-queried attention over the Kosmos-2 vision patch grid, pooling each head's patch coordinates and
+    # values into the fused features (`SpatialPool`); 0: the original layout (pooled tokens only).
+    "spatial_heads": 0,
+    # Buffers `action_mean`/`action_std`: the head predicts standardised actions, de-normalised inside the model,
+    # so every exported graph outputs physical units. False: the original layout (no buffers).
+    "action_norm": True,
     "kosmos_pretrained": None,  # local HF directory with a Kosmos-2 model: from_pretrained(path) offline
     "clip_pretrained": None,  # local HF directory with a CLIP model
 }
@@ -140,6 +148,71 @@ def _clip_config(cfg):
     return CLIPConfig(text_config=text, vision_config=c.pop("vision_config", {}), **c)
 
 
+SPATIAL_KEY_DIM = 16
+SPATIAL_VALUE_DIM = 16
+
+
+class SpatialPool(nn.Module):
+    """Where things are: each head's query (from the instruction features) attends over the vision patch grid and
+    returns the attention-weighted patch coordinates (x, y in [-1, 1]) and a pooled value.
+
+    The coordinates come from each patch's place in the grid, not from learned position embeddings, which the tiny
+    towers did not learn to use within the demo's training recipe; a query for "the red cup" then reads the cup's
+    bearing directly. Keys and values see each patch's token and its mean colour (the image average-pooled onto the
+    same grid): the colour an instruction names is then a linear function of the key's input from the first step,
+    where through the randomly initialised tower alone one seed in two never found the cup in the demo's budget.
+    Static shapes throughout (average pool, softmax, matmul), so it exports like the rest of the graph."""
+
+    def __init__(self, patch_dim: int, query_dim: int, grid: int, heads: int, out_dim: int, patch_size: int = 14):
+        super().__init__()
+        self.heads = heads
+        self.patch_size = patch_size
+        self.norm = nn.LayerNorm(patch_dim)
+        self.query_norm = nn.LayerNorm(query_dim)
+        self.key = nn.Linear(patch_dim + 3, heads * SPATIAL_KEY_DIM)
+        self.value = nn.Linear(patch_dim + 3, heads * SPATIAL_VALUE_DIM)
+        self.query = nn.Linear(query_dim, heads * SPATIAL_KEY_DIM)
+        self.out = nn.Sequential(nn.Linear(heads * (2 + SPATIAL_VALUE_DIM), out_dim), nn.GELU())
+        axis = torch.linspace(-1.0, 1.0, grid)
+        # row-major patch order (as the vision towers flatten their grid): x varies fastest
+        coords = torch.stack([axis.repeat(grid), axis.repeat_interleave(grid)], dim=-1)  # [grid*grid, 2]
+        self.register_buffer("coords", coords, persistent=False)  # derived from the config, not a weight
+
+    def forward(self, patches: torch.Tensor, pixel_values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        where, what = self.locate(patches, pixel_values, query)
+        return self.out(torch.cat([where, what], dim=-1).reshape(patches.shape[0], -1))
+
+    def locate(self, patches: torch.Tensor, pixel_values: torch.Tensor,
+               query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per head: the attended (x, y) [B, H, 1, 2] and the attended value [B, H, 1, dv]."""
+        b, n, _ = patches.shape
+        colour = nn.functional.avg_pool2d(pixel_values, self.patch_size).flatten(2).transpose(1, 2)  # [B, N, 3]
+        p = torch.cat([self.norm(patches), colour.to(patches.dtype)], dim=-1)
+        k = self.key(p).view(b, n, self.heads, SPATIAL_KEY_DIM).transpose(1, 2)  # [B, H, N, dk]
+        v = self.value(p).view(b, n, self.heads, SPATIAL_VALUE_DIM).transpose(1, 2)  # [B, H, N, dv]
+        q = self.query(self.query_norm(query)).view(b, self.heads, 1, SPATIAL_KEY_DIM)  # [B, H, 1, dk]
+        # unscaled dot product: sharper than 1/sqrt(dk) from the start, so the coordinates move with the keys
+        weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [B, H, 1, N]
+        # a weighted sum, not a MatMul with a constant: INT8 static quantization would take that for a weight
+        # MatMul and quantize the softmax output it shares with `weights @ v` (kept float, activation x activation)
+        where = (weights.transpose(-1, -2) * self.coords.to(weights.dtype)).sum(-2, keepdim=True)  # [B, H, 1, 2]
+        what = weights @ v  # [B, H, 1, dv]
+        return where, what
+
+
+def legacy_overrides(state_keys, overrides: dict | None = None) -> dict:
+    """Overrides that make the built layout match a state dict from the original training scripts: no spatial
+    branch when it has no `spatial.*` tensors, no normalisation buffers (identity) when it has no `action_mean`.
+    Settings the user gave explicitly are kept."""
+    keys = set(state_keys)
+    out = dict(overrides or {})
+    if not any(k.startswith("spatial.") for k in keys):
+        out.setdefault("spatial_heads", 0)
+    if "action_mean" not in keys and "action_std" not in keys:
+        out.setdefault("action_norm", False)
+    return out
+
+
 class Kosmos2ClipPolicy(nn.Module):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
@@ -163,10 +236,40 @@ class Kosmos2ClipPolicy(nn.Module):
         else:
             self.temporal = nn.Sequential(nn.Linear(cfg["fusion_dim"], cfg["head_dim"]), nn.GELU())
         self.action_head = nn.Linear(cfg["head_dim"], cfg["action_dim"])
+        self.spatial = None
+        if int(cfg.get("spatial_heads", 0)):
+            vision = self.kosmos.config.vision_config
+            grid = int(vision.image_size) // int(vision.patch_size)
+            self.spatial = SpatialPool(vision.hidden_size, kt.embed_dim + self.clip.config.projection_dim, grid,
+                                       int(cfg["spatial_heads"]), cfg["fusion_dim"], int(vision.patch_size))
+        if cfg.get("action_norm", False):
+            # set from the training data (`set_action_normalization`); identity until then
+            self.register_buffer("action_mean", torch.zeros(cfg["action_dim"]))
+            self.register_buffer("action_std", torch.ones(cfg["action_dim"]))
+        else:
+            self.action_mean = self.action_std = None
+
+    @torch.no_grad()
+    def set_action_normalization(self, mean, std) -> None:
+        """Dataset statistics the head's output is de-normalised with (saved with the weights, exported as
+        constants)."""
+        if self.action_mean is None:
+            raise ValueError("this model was built with action_norm=False (original layout): no buffers to set")
+        self.action_mean.copy_(torch.as_tensor(mean, dtype=self.action_mean.dtype))
+        self.action_std.copy_(torch.as_tensor(std, dtype=self.action_std.dtype))
+
+    def head_actions(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The action head in physical units: standardised prediction x std + mean (identity without buffers)."""
+        out = self.action_head(hidden)
+        if self.action_mean is not None:
+            out = out * self.action_std.to(out.dtype) + self.action_mean.to(out.dtype)
+        return out
 
     # The Kosmos-2 text decoder with the image embeddings placed by index, not by a boolean-mask scatter.
-    def kosmos_features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask):
-        image_embeds = self.kosmos.get_image_features(pixel_values, return_dict=True).pooler_output  # [B, Q, D]
+    def kosmos_features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask,
+                        return_patches: bool = False):
+        vision = self.kosmos.get_image_features(pixel_values, return_dict=True)
+        image_embeds = vision.pooler_output  # [B, Q, D]
         text = self.kosmos.text_model.model
         tokens = text.embed_tokens(input_ids)  # unscaled, as forward_embedding expects
         place = image_embeds_position_mask.to(torch.bool)
@@ -182,15 +285,24 @@ class Kosmos2ClipPolicy(nn.Module):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
         ).last_hidden_state
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if return_patches:
+            # the vision tower's patch grid (class token dropped), already computed for the image embeddings
+            return pooled, self.kosmos.vision_model.model.post_layernorm(vision.last_hidden_state[:, 1:])
+        return pooled
 
     def features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
                  clip_attention_mask):
-        k = self.kosmos_features(pixel_values, input_ids, attention_mask, image_embeds_position_mask)
+        k, patches = self.kosmos_features(pixel_values, input_ids, attention_mask, image_embeds_position_mask,
+                                          return_patches=True)
         c_text = self.clip.text_model(input_ids=clip_input_ids, attention_mask=clip_attention_mask).pooler_output
         c_text = self.clip.text_projection(c_text)
         c_image = self.clip.visual_projection(self.clip.vision_model(pixel_values=pixel_values).pooler_output)
-        return self.fusion(torch.cat([k, c_text, c_image], dim=-1))
+        fused = self.fusion(torch.cat([k, c_text, c_image], dim=-1))
+        if self.spatial is not None:
+            # added, not concatenated: the original layout's tensors keep their shapes
+            fused = fused + self.spatial(patches, pixel_values, torch.cat([k, c_text], dim=-1))
+        return fused
 
     def forward(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
                 clip_attention_mask, h=None, c=None):
@@ -201,8 +313,8 @@ class Kosmos2ClipPolicy(nn.Module):
                 h = fused.new_zeros(fused.shape[0], self.cfg["head_dim"])
                 c = fused.new_zeros(fused.shape[0], self.cfg["head_dim"])
             h_out, c_out = self.temporal(fused, (h, c))
-            return self.action_head(h_out), h_out, c_out
-        return self.action_head(self.temporal(fused))
+            return self.head_actions(h_out), h_out, c_out
+        return self.head_actions(self.temporal(fused))
 
 
 def kosmos_seq_len(cfg: dict[str, Any]) -> int:

@@ -24,6 +24,7 @@ RANK_BATCH = "1"
 COLUMNS = ["rank", "artifact", "backend", "device", "mean ms", "std ms", "min ms", "max ms", "p50 ms", "FPS",
            "speed-up", "size MB", "parity MAE", "task MAE", "verdict"]
 DEVICE_MARKERS = {"cpu": "o", "cuda": "^"}
+SWAP_COLUMN = "swap MAE wrong/right"
 
 
 def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
@@ -55,12 +56,16 @@ def build_rows(profile: dict[str, Any], validation: dict[str, Any] | None) -> li
         }
         if v is not None:
             row |= {"parity_mae": v.get("parity_mae"), "task_mae": (v.get("task") or {}).get("mae"),
-                    "task_mae_increase": (v.get("task") or {}).get("increase"), "verdict": v["verdict"],
+                    "task_mae_per_action": (v.get("task") or {}).get("per_action_mae"),
+                    "task_mae_increase": (v.get("task") or {}).get("increase"),
+                    "instruction_swap": _swap_summary(v.get("instruction_swap")), "verdict": v["verdict"],
                     "status": v["status"]}
         elif p["kind"] == "eager" and p["device"] == "cpu" and p["precision"] == "fp32":
             # The eager fp32 CPU model is the reference itself: parity 0 by definition.
             ref = references.get(p.get("checkpoint") or "", {})
             row |= {"parity_mae": 0.0 if validation else None, "task_mae": (ref.get("task") or {}).get("mae"),
+                    "task_mae_per_action": (ref.get("task") or {}).get("per_action_mae"),
+                    "instruction_swap": _swap_summary(ref.get("instruction_swap")),
                     "verdict": "reference", "status": "reference"}
         else:
             row |= {"parity_mae": None, "task_mae": None,
@@ -75,27 +80,70 @@ def build_rows(profile: dict[str, Any], validation: dict[str, Any] | None) -> li
     return sorted(rows, key=lambda r: (r["device"] != "cpu", r["device"], r.get("rank") or 10**6, r["artifact"]))
 
 
+def _swap_summary(swap: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not swap:
+        return None
+    return {k: swap.get(k) for k in ("task_mae_right", "task_mae_wrong", "wrong_to_right", "mean_abs_delta",
+                                     "mean_abs_action", "delta_ratio", "episodes", "frames", "selection")}
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def row_cells(r: dict[str, Any]) -> list[str]:
+def action_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Every action dimension with a per-action task MAE in some row, in the checkpoint's order."""
+    names: list[str] = []
+    for r in rows:
+        for name in r.get("task_mae_per_action") or {}:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """COLUMNS with one task-MAE column per action dimension (one average hides a dead output) and the
+    instruction-swap figure, where validation measured them."""
+    cols = list(COLUMNS)
+    at = cols.index("task MAE") + 1
+    extra = [f"task MAE {a}" for a in action_names(rows)]
+    if any(r.get("instruction_swap") for r in rows):
+        extra.append(SWAP_COLUMN)
+    return cols[:at] + extra + cols[at:]
+
+
+def row_cells(r: dict[str, Any], actions: list[str] | None = None, swap: bool = False) -> list[str]:
     device = device_label(r["device"], r.get("provider")) + (
         f" ({r['threads']} thr)" if r["device"] == "cpu" and r.get("threads") else "")
     return [_fmt(r.get("rank"), "d"), r["artifact"], r["backend"], device, _fmt(r["mean"], ".3f"),
             _fmt(r["std"], ".3f"), _fmt(r["min"], ".3f"), _fmt(r["max"], ".3f"), _fmt(r["p50"], ".3f"),
             _fmt(r["fps"], ".1f"), _fmt(r["speedup_vs_eager"], ".2f") + ("x" if r["speedup_vs_eager"] else ""),
             _fmt(None if r["size_bytes"] is None else r["size_bytes"] / 1e6, ".2f"), _fmt(r["parity_mae"], ".2e"),
-            _fmt(r["task_mae"], ".4f"), r["verdict"]]
+            _fmt(r["task_mae"], ".4f"),
+            *[_fmt((r.get("task_mae_per_action") or {}).get(a), ".4f") for a in actions or []],
+            *([_swap_cell(r.get("instruction_swap"))] if swap else []), r["verdict"]]
+
+
+def _swap_cell(swap: dict[str, Any] | None) -> str:
+    if not swap:
+        return "-"
+    return f"{_fmt(swap.get('task_mae_wrong'), '.4f')} / {_fmt(swap.get('task_mae_right'), '.4f')}"
+
+
+def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    cols = columns(rows)
+    actions, swap = action_names(rows), SWAP_COLUMN in cols
+    return cols, [row_cells(r, actions, swap) for r in rows]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     def esc(s: str) -> str:
         return s.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c not in (
-        "artifact", "backend", "device", "verdict") else "---" for c in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in row_cells(r)) + " |" for r in rows]
+    cols, cells = _cells(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c not in (
+        "artifact", "backend", "device", "verdict") else "---" for c in cols) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -228,6 +276,14 @@ def build_report(artifacts_dir: str | os.PathLike, output_dir: str | os.PathLike
                f"Inputs: {validation.get('settings', {}).get('n')} "
                f"{'episode frames' if validation.get('settings', {}).get('episodes') else 'spec example inputs'} "
                f"at batch sizes {validation.get('settings', {}).get('batch_sizes')}.", ""]
+        swaps = [r for r in rows if r.get("instruction_swap")]
+        if swaps:
+            first = swaps[0]["instruction_swap"]
+            md += [f"Instruction swap (`{SWAP_COLUMN}`): on {first.get('episodes')} validation episodes, "
+                   f"{first.get('selection')}, {first.get('frames')} frames, the instruction's colour is swapped "
+                   "(red <-> blue); task MAE "
+                   "with the wrong instruction / with the right one. A policy that ignores its instruction scores "
+                   "about 1x; details (mean |action change| against mean |action|) in validation.json.", ""]
     bt = batch_table(rows)
     if bt:
         md += ["## All batch sizes", "", bt, ""]
@@ -254,9 +310,10 @@ def report_table(report: dict[str, Any]):
     from rich.table import Table
 
     table = Table(title=f"vla-export report (batch {report['rank_batch']}; ranked within each device)")
-    for c in COLUMNS:
+    cols, cells = _cells(report["rows"])
+    for c in cols:
         left = c in ("artifact", "backend", "device", "verdict")
         table.add_column(c, justify="left" if left else "right", no_wrap=c != "verdict")
-    for r in report["rows"]:
-        table.add_row(*map(escape, row_cells(r)))
+    for row in cells:
+        table.add_row(*map(escape, row))
     return table

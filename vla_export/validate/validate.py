@@ -9,7 +9,8 @@ Per artifact (and provider):
   checkpoint must still hash to `source.checkpoint_sha256` ("stale": rebuilt reference would not be its reference);
 - parity: MAE / max abs / relative L2 / cosine of every output vs the reference over N inputs at batch 1 and 4;
 - LSTM heads: a rollout per episode feeding `h_out -> h`, `c_out -> c` from `spec.initial_state`, for both;
-- task (with `--episodes`): action MAE against ground truth, its change from the reference's, worst episode;
+- task (with `--episodes`): action MAE against ground truth (overall and per action), its change from the
+  reference's, worst episode; and the instruction colour swap on two-cup episodes (`instruction.py`);
 - gates: tolerances keyed by precision (variant entries override), resolved in `resolve_tolerances`.
 
 A backend this machine cannot run (`BackendUnavailable`) is "skipped", which does not fail the run.
@@ -258,6 +259,7 @@ class InputSet:
     parity: dict[str, np.ndarray]  # N inputs
     task: Any = None  # vla_export.data.task.TaskData or None
     episodes: list[np.ndarray] = field(default_factory=list)  # frame indices per episode (task frames)
+    swap: Any = None  # vla_export.validate.instruction.SwapSet (two-cup episodes, colour swapped) or None
 
     def describe(self) -> dict[str, Any]:
         out = {"source": self.source, "n": int(len(next(iter(self.parity.values()))))}
@@ -297,7 +299,10 @@ def make_inputs(checkpoint, n: int, seed: int, episodes_dir: str | None, split: 
         feeds |= missing
         task.feeds = feeds
     pick = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))
-    return InputSet("episodes", take(feeds, pick), task, episode_index(list(task.episode)))
+    from vla_export.validate.instruction import colour_swap_set
+
+    swap = colour_swap_set(checkpoint.path, episodes_dir, split, max_episodes=max_episodes, max_frames=max_frames)
+    return InputSet("episodes", take(feeds, pick), task, episode_index(list(task.episode)), swap)
 
 
 class Reference:
@@ -334,11 +339,16 @@ def load_reference(artifact: Artifact):
 
 
 # -- task metrics ------------------------------------------------------------------------------------------------------
-def task_metrics(pred: np.ndarray, truth: np.ndarray, episodes: list[np.ndarray], names: list[str]) -> dict[str, Any]:
+def task_metrics(pred: np.ndarray, truth: np.ndarray, episodes: list[np.ndarray], names: list[str],
+                 action_names: list[str] | None = None) -> dict[str, Any]:
     per_episode = {name: float(np.abs(pred[idx] - truth[idx]).mean()) for name, idx in zip(names, episodes, strict=True)}
     worst = max(per_episode, key=per_episode.get)
-    return {"mae": float(np.abs(pred.astype(np.float64) - truth).mean()), "per_episode_mae": per_episode,
-            "worst_episode": worst, "worst_episode_mae": per_episode[worst]}
+    errors = np.abs(pred.astype(np.float64) - truth)
+    # per action: one average hides an output that does not move
+    labels = list(action_names or [])[: errors.shape[1]] or [f"a{i}" for i in range(errors.shape[1])]
+    return {"mae": float(errors.mean()), "per_action_mae": {a: float(v) for a, v in zip(labels, errors.mean(0),
+                                                                                        strict=True)},
+            "per_episode_mae": per_episode, "worst_episode": worst, "worst_episode_mae": per_episode[worst]}
 
 
 def task_predictions(infer, inputs: InputSet, spec: IOSpec, max_batch: int = TASK_BATCH) -> dict[str, np.ndarray]:
@@ -466,12 +476,16 @@ def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Re
             pred = task_predictor(artifact, target, inputs, spec, max_batch) if task_predictor else None
             if pred is None:
                 pred = task_predictions(infer, inputs, spec, max_batch)[ACTIONS]
-            art_task = task_metrics(pred, truth, inputs.episodes, names)
+            art_task = task_metrics(pred, truth, inputs.episodes, names, reference.checkpoint.action_names)
             increases = {e: art_task["per_episode_mae"][e] - ref_task["per_episode_mae"][e] for e in names}
             worst = max(increases, key=increases.get)
             result["task"] = art_task | {
                 "reference_mae": ref_task["mae"], "increase": art_task["mae"] - ref_task["mae"],
                 "worst_increase_episode": worst, "worst_episode_increase": increases[worst]}
+        if inputs.swap is not None:
+            from vla_export.validate.instruction import instruction_sensitivity
+
+            result["instruction_swap"] = instruction_sensitivity(runner, inputs.swap, TASK_BATCH)
     except Exception as e:  # noqa: BLE001 - any runtime error of the artifact is its failure, not a crash of the run
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         result["reasons"].append(f"inference failed: {type(e).__name__}: {first}")
@@ -507,7 +521,7 @@ def reference_task(reference: Reference, inputs: InputSet, names: list[str]) -> 
     if key not in reference._cache:
         pred = task_predictions(lambda f: reference.runner.infer(f), inputs, reference.spec)[ACTIONS]
         reference._cache[key] = task_metrics(pred, np.asarray(inputs.task.actions, dtype=np.float64),
-                                             inputs.episodes, names)
+                                             inputs.episodes, names, reference.checkpoint.action_names)
     return reference._cache[key]
 
 
@@ -571,6 +585,10 @@ def validate(paths: list[str | os.PathLike], *, tolerances: dict[str, Any] | Non
             if inputs.task is not None:
                 names = [str(inputs.task.episode[idx[0]]) for idx in inputs.episodes]
                 ref_entry["task"] = reference_task(reference, inputs, names)
+            if inputs.swap is not None:
+                from vla_export.validate.instruction import instruction_sensitivity
+
+                ref_entry["instruction_swap"] = instruction_sensitivity(reference.runner, inputs.swap, TASK_BATCH)
             references[ckpt] = ref_entry
             for a, problems in runnable:
                 tol = tolerance_for(tolerances, a.precision, a.variant)
@@ -639,17 +657,21 @@ def results_table(report: dict[str, Any]):
     table = Table(title=f"validation ({report['counts']['passed']} passed, {report['counts']['failed']} failed, "
                         f"{report['counts']['skipped']} skipped)")
     for col in ("artifact", "backend", "device", "precision", "parity MAE", "tol", "rel L2", "rtol", "max abs",
-                "cosine", "task MAE", "Δ task", "Δ/ref", "verdict"):
+                "cosine", "task MAE", "Δ task", "Δ/ref", "swap |Δa|/|a|", "swap MAE wrong/right", "verdict"):
         left = col in ("artifact", "backend", "device", "verdict")
         table.add_column(col, justify="left" if left else "right", no_wrap=col != "verdict")
     style = {"passed": "green", "failed": "red", "skipped": "yellow"}
     for r in report["results"]:
         task = r.get("task") or {}
+        swap = r.get("instruction_swap") or {}
         table.add_row(r["artifact"], r["backend"], device_label(r["device"], r["provider"]), r["precision"],
                       _fmt(r.get("parity_mae")), _fmt(r["tolerance"]["parity_mae"]), _fmt(r.get("parity_rel_l2")),
                       _fmt(r["tolerance"].get("parity_rel_l2")), _fmt(r.get("parity_max_abs")),
                       _fmt(r.get("parity_cosine"), ".6f"), _fmt(task.get("mae"), ".4f"),
                       _fmt(task.get("increase"), "+.3g"), _fmt(task.get("rel_increase"), "+.1%"),
+                      _fmt(swap.get("delta_ratio"), ".2f"),
+                      _fmt(swap.get("task_mae_wrong"), ".4f") + " / " + _fmt(swap.get("task_mae_right"), ".4f")
+                      if swap else "-",
                       f"[{style[r['status']]}]{_escape(r['verdict'])}[/]")
     return table
 
