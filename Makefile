@@ -81,7 +81,9 @@ bundle: install
 verify: install
 	$(VLA) verify $(BUNDLE) --out $(VERIFY)
 
-demo: trt aoti
+# aoti needs only the checkpoint, so its compile (mostly one core) overlaps export -> quantize -> trt on the other.
+demo: checkpoint
+	$(MAKE) --no-print-directory -j2 --output-sync=target trt aoti
 	$(MAKE) --no-print-directory validate profile report bundle verify
 
 test: install
