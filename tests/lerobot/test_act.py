@@ -208,5 +208,5 @@ def test_from_lerobot_refuses_a_folder_without_processors(act_pipeline, tmp_path
     (broken / "policy_preprocessor.json").unlink()
     result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(broken), "-o", str(tmp_path / "c")])
     assert result.exit_code == 2
-    assert "has no policy_preprocessor.json" in result.output
+    assert "policy_preprocessor.json does not exist" in result.output
     assert not (tmp_path / "c").exists()

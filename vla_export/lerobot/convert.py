@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from vla_export.errors import UserError
+from vla_export.manifest import read_json
 
 POLICY_MODULES = {"act": "vla_export.lerobot.act"}
 
@@ -24,13 +24,9 @@ def read_lerobot_config(src: Path) -> dict:
     path = src / "config.json"
     if not src.is_dir():
         raise UserError(f"--from-lerobot {src}: not a directory; pass a LeRobot pretrained_model folder")
-    if not path.is_file():
-        raise UserError(f"{src} has no config.json; pass a LeRobot pretrained_model folder (config.json, "
-                        "model.safetensors, policy_preprocessor.json, policy_postprocessor.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from e
+    data = read_json(path, missing="pass a LeRobot pretrained_model folder (config.json, model.safetensors, "
+                     "policy_preprocessor.json, policy_postprocessor.json)",
+                     invalid="re-save the policy with LeRobot's save_pretrained")
     if not isinstance(data, dict) or "type" not in data:
         raise UserError(f"{path} is not a LeRobot policy config (no 'type')")
     return data

@@ -10,11 +10,11 @@ by name, so a policy is never exported with part of its preprocessing silently m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vla_export.errors import UserError
+from vla_export.manifest import read_json
 
 PREPROCESSOR_JSON = "policy_preprocessor.json"
 POSTPROCESSOR_JSON = "policy_postprocessor.json"
@@ -28,13 +28,9 @@ def read_pipeline(src: Path, name: str) -> list[tuple[str, dict[str, Any], dict[
     from safetensors.numpy import load_file
 
     path = src / name
-    if not path.is_file():
-        raise UserError(f"{src} has no {name}; a LeRobot 0.4 pretrained_model folder has policy_preprocessor.json "
-                        "and policy_postprocessor.json beside model.safetensors (re-save it with LeRobot >= 0.4)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from e
+    data = read_json(path, missing="a LeRobot 0.4 pretrained_model folder has policy_preprocessor.json and "
+                     "policy_postprocessor.json beside model.safetensors (re-save it with LeRobot >= 0.4)",
+                     invalid="re-save the policy with LeRobot's save_pretrained")
     steps = []
     for i, entry in enumerate(data.get("steps") or []):
         reg = entry.get("registry_name")
