@@ -120,6 +120,10 @@ def test_bad_bundles_exit_2_with_one_line(made, tmp_path):
     (old / BUNDLE_FILE).write_text(json.dumps(info))
     result = _cli("verify", old)
     assert result.exit_code == 2 and "no self-test set" in result.output and "rebuild it" in result.output
+    from vla_export.deploy.policy import Policy
+
+    with Policy.load(old) as policy:  # still runs (hash-verified), said once, not judged
+        assert policy.selftest["passed"] is None and "no self-test set" in policy.selftest["skipped"]
 
     result = _cli("verify", made["bundle"], "--artifact", "model.fp16.engine")
     assert result.exit_code == 2 and "holds no artifact 'model.fp16.engine'" in result.output

@@ -156,7 +156,7 @@ class PolicyNode(Node):
                 self.selftest_failure = str(e)
                 policy = Policy.load(str(p["bundle"]), backend=str(p["backend"]), verify=False,
                                      threads=int(p["threads"]) or None)  # opened for its names only; never acts
-        elif getattr(policy, "selftest", None) and not policy.selftest.get("passed", True):
+        elif getattr(policy, "selftest", None) and policy.selftest.get("passed") is False:
             self.selftest_failure = f"{policy.info['artifact']} failed the bundle's self-test on this machine"
         self.policy = policy
         self.action_names = policy.action_names
