@@ -149,23 +149,12 @@ def verify_command(bundle, out_dir, artifact, backend, tol, tol_fp16, tol_int8, 
     from vla_export.deploy.verify import raise_if_failed, run_verify, summary_line
 
     tolerances = None
-    overrides = [("parity_mae", "fp32", tol), ("parity_mae", "fp16", tol_fp16), ("parity_mae", "int8", tol_int8),
-                 ("parity_rel_l2", "fp32", rtol), ("parity_rel_l2", "fp16", rtol_fp16),
-                 ("parity_rel_l2", "int8", rtol_int8)]
-    if any(v is not None for *_, v in overrides):
-        import copy
+    if any(v is not None for v in (tol, tol_fp16, tol_int8, rtol, rtol_fp16, rtol_int8)):
+        from vla_export.validate.validate import resolve_tolerances
 
-        read_bundle(bundle)
-        tolerances = copy.deepcopy(SelfTest(Path(bundle)).budgets)
-        for key, precision, value in overrides:
-            if value is not None:
-                if value <= 0:
-                    raise UserError(f"the {precision} {key} budget must be > 0, got {value}")
-                tolerances["precision"].setdefault(precision, {})[key] = float(value)
-                if key == "parity_rel_l2":  # an explicit budget for a precision covers its variants too
-                    for variant, entry in tolerances.get("variant", {}).items():
-                        if precision in variant.split("-"):
-                            entry.pop(key, None)
+        read_bundle(bundle)  # a wrong path is one line before the self-test set is read
+        tolerances = resolve_tolerances(tol, tol_fp16, tol_int8, rtol=rtol, rtol_fp16=rtol_fp16, rtol_int8=rtol_int8,
+                                        base=SelfTest(Path(bundle)).budgets)
     report = run_verify(bundle, out_dir, tolerances=tolerances, rate_hz=rate_hz, backend=backend, artifact=artifact,
                         warmup=warmup, iters=iters, threads=threads or None,
                         log=lambda msg: click.echo(msg, err=True))

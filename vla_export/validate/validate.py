@@ -62,10 +62,12 @@ TASK_BATCH = 8
 def resolve_tolerances(tol: float | None = None, tol_fp16: float | None = None, tol_int8: float | None = None,
                        max_task_mae_increase: float | None = None, *, rtol: float | None = None,
                        rtol_fp16: float | None = None, rtol_int8: float | None = None,
-                       max_task_mae_rel_increase: float | None = None) -> dict[str, Any]:
-    """The gate table: defaults with the CLI's overrides applied. Written verbatim into validation.json."""
-    precisions = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
-    variants = {k: dict(v) for k, v in DEFAULT_VARIANT_TOLERANCES.items()}
+                       max_task_mae_rel_increase: float | None = None,
+                       base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The gate table: defaults (or `base`, e.g. the budgets a bundle carries) with the CLI's overrides applied.
+    Written verbatim into validation.json."""
+    precisions = {k: dict(v) for k, v in (base["precision"] if base else DEFAULT_TOLERANCES).items()}
+    variants = {k: dict(v) for k, v in ((base or {}).get("variant", {}) if base else DEFAULT_VARIANT_TOLERANCES).items()}
     for key, word, values in (("parity_mae", "tolerance", (("fp32", tol), ("fp16", tol_fp16), ("int8", tol_int8))),
                               ("parity_rel_l2", "relative tolerance",
                                (("fp32", rtol), ("fp16", rtol_fp16), ("int8", rtol_int8)))):
@@ -73,7 +75,7 @@ def resolve_tolerances(tol: float | None = None, tol_fp16: float | None = None, 
             if value is not None:
                 if value <= 0:
                     raise UserError(f"{word} for {precision} must be > 0, got {value}")
-                precisions[precision][key] = float(value)
+                precisions.setdefault(precision, {})[key] = float(value)
                 if key == "parity_rel_l2":  # an explicit budget for a precision covers its variants too
                     for variant, entry in variants.items():
                         if precision in variant.split("-"):
