@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from vla_export import manifest as mf
 from vla_export.cli import main
+from vla_export.errors import GateFailed
 from vla_export.quantize import gate as gates
 from vla_export.quantize.stage import quantize
 from vla_export.quantize.targets import TARGET_CPUS
@@ -325,16 +326,23 @@ def test_target_cpu_sets_weight_range_and_is_recorded(setup, tmp_path, engine):
     ranges = {}
     host_kernels = mf.cpu_features()["int8_kernels"]
     for target in ("portable", "vnni"):
-        r = quantize(setup["src"], "dynamic", out_dir=tmp_path / target, engine=engine, fusion="off",
-                     reference=setup["reference"], progress=False, parity_n=4, target_cpu=target)
-        rec = r.manifest["settings"]["target_cpu"]
+        kwargs = dict(out_dir=tmp_path / target, engine=engine, fusion="off", reference=setup["reference"],
+                      progress=False, parity_n=4, target_cpu=target)
         if target == "portable" or host_kernels != "avx2":
+            r = quantize(setup["src"], "dynamic", **kwargs)
             assert r.passed, r.manifest.get("failure")
         else:
             # Host behaviour on purpose: an AVX2-only host's U8S8 kernel saturates full-range weights, so the gate
-            # here judges numbers a VNNI target would not compute (on the EPYC AVX2 host: rel L2 0.25 on `actions`,
-            # budget 0.10, where portable measured 0.01). Whatever the verdict, the manifest must say so.
-            assert "AVX2-only host" in rec["note"] and "saturates" in rec["note"], rec["note"]
+            # here judges numbers a VNNI target would not compute. On the 2-core EPYC AVX2 host both engines' vnni
+            # artifacts failed (rel L2 of actions 0.247 ort, 0.11 streaming; budget 0.10) where portable passed. The
+            # verdict's margin is the model's; what must hold is that the manifest says what judged it.
+            try:
+                r = quantize(setup["src"], "dynamic", **kwargs)
+            except GateFailed as e:
+                r = e.results[0]
+            note = r.manifest["settings"]["target_cpu"]["note"]
+            assert "AVX2-only host" in note and "saturates" in note, note
+        rec = r.manifest["settings"]["target_cpu"]
         assert rec["name"] == target and rec["reduce_range"] == (target == "portable")
         q = 64 if target == "portable" else 127
         assert rec["matmul_weight_range"] == [-q, q] and rec["largest_u8s8_pair_sum"] == 2 * 255 * q
