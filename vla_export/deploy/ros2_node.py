@@ -321,7 +321,9 @@ class PolicyNode(Node):
             # dynamic typing: `-p max_image_age_ms:=300` (an integer) must not be refused for a double default, and
             # joint_names may be a string array or one comma-separated string
             self.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True))
-        p = {name: self.get_parameter(name).value for name in DEFAULTS}
+        # an empty value on the command line (`-p fail_safe:=`) reads as None: the default, as if not given
+        p = {name: DEFAULTS[name] if (value := self.get_parameter(name).value) is None else value
+             for name in DEFAULTS}
         self.max_image_age_s = float(p["max_image_age_ms"]) / 1e3
         self.rate_hz = float(p["rate_hz"])
         if self.max_image_age_s <= 0 or self.rate_hz < 0:
@@ -394,6 +396,7 @@ class PolicyNode(Node):
         self._stopped = False  # after shutdown's last message nothing else may be published
         self.stats: Counter[str] = Counter()  # published actions, and fail-safe events by mode:reason
         self.warnings: Counter[str] = Counter()  # warning lines logged, by reason kind
+        self.reasons: dict[str, str] = {}  # the last reason logged for each kind
 
         acting = MutuallyExclusiveCallbackGroup()
         watching = MutuallyExclusiveCallbackGroup()
@@ -448,8 +451,9 @@ class PolicyNode(Node):
             f"{mapping} as {o.msg_type} on {o.topic!r} (fail-safe {o.fail_safe}"
             f"{f', time_from_start {o.time_from_start_s:g} s' if o.msg_type == JOINT_TRAJECTORY_MSG else ''}); "
             f"{inputs}; max_image_age_ms {self.max_image_age_s * 1e3:g}, rate_hz {self.rate_hz:g}, image "
-            f"{p['image_reliability']}, instruction "
-            f"{repr(self.instruction) if self.instruction else '(none yet: waiting on the instruction topic)'}")
+            f"{p['image_reliability']}"
+            + ("" if self.observation_mode and not self.text_key else ", instruction " + (
+                repr(self.instruction) if self.instruction else "(none yet: waiting on the instruction topic)")))
 
     def _configure_observation(self, processor, state_joint_names: list[str]) -> None:
         """Topics for every camera and the state of a processor that observes more than one camera + text."""
@@ -521,6 +525,7 @@ class PolicyNode(Node):
         if kind not in self._failing:
             self._failing.add(kind)
             self.warnings[kind] += 1
+            self.reasons[kind] = reason
             self.get_logger().warning(f"{what}: {reason}")
 
     def fail(self, kind: str, reason: str) -> None:
