@@ -604,6 +604,25 @@ def test_arm_float64_array_equals_policy_act_and_nothing_before_the_first_action
         assert [(d.label, d.size, d.stride) for d in msg.layout.dim] == [("actions", 6, 6)]
         np.testing.assert_allclose(command_values(msg), expected, rtol=0, atol=1e-5)
     assert h.node.stats["actions"] == 3
+    # shutdown with hold: the last good command once more (the arm stays at its target), never a zero
+    mark = h.mark()
+    h.node.publish_stop()
+    np.testing.assert_array_equal(command_values(h.next_command(mark)), command_values(h.node._last_msg))
+    assert h.node.stop_summary == "holding: republished the last good Float64MultiArray"
+
+
+def test_arm_at_a_rate_every_tick_is_a_control_step(arm_bundle, arm_factory):
+    """rate_hz: Policy.act on the newest inputs every tick (a chunked policy pops one action per tick), without new
+    frames as long as the inputs are fresh."""
+    h = arm_factory(max_image_age_ms=5000, rate_hz=20.0)
+    obs = arm_observations(1, seed=7)[0]
+    h.deliver(h.camera_pubs[ARM_CAMERAS[0]], image_msg(obs[ARM_CAMERAS[0]]), ARM_CAMERAS[0])
+    mark = h.publish_observation(obs)
+    frames = h.received_count(ARM_CAMERAS[0])  # no frame is published after this
+    wait_for(lambda: h.node.stats["actions"] >= frames + 3, "actions at 20 Hz without new frames")
+    want = expected_arm_actions(arm_bundle, [obs])[0]
+    for msg in h.since(mark):  # a stateless policy: the same action every tick
+        np.testing.assert_allclose(command_values(msg), want, rtol=0, atol=1e-5)
 
 
 def test_arm_joint_trajectory_names_and_time_from_start(arm_bundle, arm_factory):
