@@ -1,7 +1,8 @@
 """The ROS 2 node with real rclpy (Fast DDS, loopback discovery only, one ROS domain per test): Twist equals
 Policy.act on the same frame, a zero Twist when images stop / are malformed / inference fails, one on shutdown; for
 an arm (two cameras + joint_states in), Float64MultiArray / JointTrajectory equal to Policy.act on the same
-observation, holding the last command on stale or bad input, and bad output settings refused with one line."""
+observation, holding the last command on stale or bad input, and bad output settings refused with one line, as
+node parameters and as `vla-export ros2-node` options."""
 
 from __future__ import annotations
 
@@ -699,6 +700,92 @@ def test_arm_bad_output_config_is_one_line_and_exit_2(arm_bundle, capsys, monkey
     assert run(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--output-type", "std_msgs/msg/Int32"], "output msg_type 'std_msgs/msg/Int32' is not supported"),
+    (["--fail-safe", "sometimes"], "fail_safe must be one of zero, hold"),
+    (["--output-type", JOINT_TRAJECTORY, "--fail-safe", "zero"], "cannot zero on bad input"),
+    (["--joint-names", "a,b,c"], "joint_names has 3 names"),
+    (["--state-joint-names", "a,b"], "state_joint_names has 2 names"),
+    (["--time-from-start-ms", "-5"], "time_from_start_ms must be > 0"),
+    (["--action-topic", "arm commands"], "cannot publish on action_topic 'arm commands'"),
+])
+def test_cli_bad_output_option_is_one_line_and_exit_2(arm_bundle, monkeypatch, options, message):
+    """Each value reaches the node, which refuses it with the same line as the parameter (one validator)."""
+    from click.testing import CliRunner
+
+    from vla_export.cli import main
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(_domain_id()))
+    result = CliRunner().invoke(main, ["ros2-node", "--bundle", str(arm_bundle), *options])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_cli_output_options_reach_the_node(arm_bundle):
+    """`vla-export ros2-node` in its own process with every output option set: a JointTrajectory on the given topic
+    with the given joint names and time, computed from JointStates read by --state-joint-names (the robot's names,
+    not the bundle's: without the option no command would come); SIGINT -> hold (the last command again), exit 0."""
+    domain = _domain_id()
+    renamed = [f"arm_{n}" for n in ARM_JOINTS]
+    robot_state_names = [f"{n}_joint" for n in ARM_JOINTS]
+    exe = shutil.which("vla-export", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-c", "from vla_export.cli import main; main()"]
+    proc = subprocess.Popen([*cmd, "ros2-node", "--bundle", str(arm_bundle), "--max-image-age-ms", "60000",
+                             "--output-type", JOINT_TRAJECTORY, "--action-topic", "arm/trajectory", "--fail-safe",
+                             "hold", "--joint-names", ",".join(renamed), "--state-joint-names",
+                             ",".join(robot_state_names), "--time-from-start-ms", "250"],
+                            env=dict(os.environ, ROS_DOMAIN_ID=str(domain)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    node = Node("vla_policy_cli_test", context=ctx)
+    received: list = []
+    node.create_subscription(JointTrajectory, "arm/trajectory", received.append, QoSProfile(depth=100))
+    cameras = {cam: node.create_publisher(Image, f"images/{cam.rsplit('.', 1)[1]}", QoSProfile(depth=1))
+               for cam in ARM_CAMERAS}
+    states = node.create_publisher(JointState, "joint_states", QoSProfile(depth=1))
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    obs = arm_observations(1, seed=11)[0]
+    try:
+        deadline = time.monotonic() + 60.0  # process start: imports, bundle verification, ONNX Runtime session
+        while not received:
+            assert proc.poll() is None, f"node exited early:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, "no JointTrajectory from the node process"
+            # the same observation until a command comes (best effort: a sample before matching is lost); the top
+            # camera last, as it paces the policy
+            if all(p.get_subscription_count() > 0 for p in [states, *cameras.values()]):
+                states.publish(joint_state_msg(obs["observation.state"], robot_state_names))
+                cameras[ARM_CAMERAS[1]].publish(image_msg(obs[ARM_CAMERAS[1]]))
+                cameras[ARM_CAMERAS[0]].publish(image_msg(obs[ARM_CAMERAS[0]]))
+            executor.spin_once(timeout_sec=0.2)
+        msg = received[0]
+        assert list(msg.joint_names) == renamed
+        tfs = msg.points[0].time_from_start
+        assert (tfs.sec, tfs.nanosec) == (0, 250_000_000)
+        want = expected_arm_actions(arm_bundle, [obs])[0]
+        np.testing.assert_allclose(command_values(msg), want, rtol=0, atol=1e-5)
+        n = len(received)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(received) == n:  # hold: the last command once more on shutdown, never a zero
+            assert time.monotonic() < deadline, "nothing published on SIGINT"
+            executor.spin_once(timeout_sec=0.1)
+        np.testing.assert_allclose(command_values(received[-1]), want, rtol=0, atol=1e-5)
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0, out
+        assert "on 'arm/trajectory' (fail-safe hold, time_from_start 0.25 s)" in out, out
+        assert "shutdown: holding: republished the last good JointTrajectory" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
 
 
 def test_output_resolution_refuses_unsafe_combinations():
