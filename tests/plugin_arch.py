@@ -1,9 +1,11 @@
-"""A user architecture plugged in with `--arch tests.plugin_arch:build`: a module plus its IO spec."""
+"""User architectures plugged in with `--arch tests.plugin_arch:<factory>`: a module plus its IO spec (`build`), and
+with their own processor (`build_vision_text`: camera + instruction; `build_arm`: two cameras + joint state)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,3 +76,55 @@ def build_vision_text(cfg):
         dims={"batch": Dim("batch", 1, 1, 8)},
     )
     return VisionTextPolicy(width).eval(), spec, vision_text_processor()
+
+
+# -- a joint-space plug-in (`--arch tests.plugin_arch:build_arm`): two cameras + joint state -> 6 joint targets, an arm
+# as LeRobot's ACT drives one; its processor declares a joint output (the ROS 2 node's arm tests run it) -------------
+ARM_JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+ARM_CAMERAS = ("observation.images.top", "observation.images.wrist")
+ARM_IMAGE = 32  # the model's input size; cameras publish other sizes and the processor resizes
+
+
+def arm_processor():
+    """LeRobot's layout: `observation.images.<cam>` per camera, `observation.state` (named joints), min-max state,
+    mean-std actions; its output block says the actions are joint targets published as Float64MultiArray."""
+    from vla_export.processors import ImageStep, NormalizeStep, Processor, RenameStep, UnnormalizeStep
+    from vla_export.processors.core import FLOAT64_ARRAY_MSG
+
+    stats = {"observation.state": {"min": np.full(6, -2.0), "max": np.full(6, 2.0)},
+             "action": {"mean": np.linspace(-0.5, 0.5, 6), "std": np.full(6, 0.3)}}
+    return Processor(
+        {**{cam: {"type": "image", "shape": [3, 48, 64]} for cam in ARM_CAMERAS},
+         "observation.state": {"type": "state", "shape": [6], "names": ARM_JOINTS}},
+        [ImageStep(list(ARM_CAMERAS), size=[ARM_IMAGE, ARM_IMAGE]),
+         NormalizeStep.with_stats({"observation.state": "min_max"}, stats),
+         RenameStep({"observation.images.top": "top", "observation.images.wrist": "wrist",
+                     "observation.state": "state"})],
+        [UnnormalizeStep.with_stats({"action": "mean_std"}, stats)],
+        action_dim=6, output={"kind": "joint", "msg_type": FLOAT64_ARRAY_MSG, "joint_names": ARM_JOINTS})
+
+
+def build_arm(cfg):
+    """Plug-in factory (`--arch tests.plugin_arch:build_arm`): a conv encoder per camera + the state -> MLP."""
+    width = int(cfg.get("width", 8))
+
+    class ArmPolicy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.top = nn.Sequential(nn.Conv2d(3, width, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                     nn.Flatten())
+            self.wrist = nn.Sequential(nn.Conv2d(3, width, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                       nn.Flatten())
+            self.head = nn.Sequential(nn.Linear(2 * width + 6, 16), nn.Tanh(), nn.Linear(16, 6))
+
+        def forward(self, top, wrist, state):
+            return self.head(torch.cat([self.top(top), self.wrist(wrist), state], dim=-1))
+
+    spec = IOSpec(
+        inputs=[TensorSpec("top", "float32", ("batch", 3, ARM_IMAGE, ARM_IMAGE)),
+                TensorSpec("wrist", "float32", ("batch", 3, ARM_IMAGE, ARM_IMAGE)),
+                TensorSpec("state", "float32", ("batch", 6), "min-max normalised joint positions")],
+        outputs=[TensorSpec("actions", "float32", ("batch", 6), "normalised; the processor unnormalises")],
+        dims={"batch": Dim("batch", 1, 1, 4)},
+    )
+    return ArmPolicy().eval(), spec, arm_processor()

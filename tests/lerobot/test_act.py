@@ -119,6 +119,30 @@ def test_checkpoint_holds_config_weights_and_processor_as_data(act_pipeline):
         assert torch.equal(v, ours[k]), k
 
 
+def test_checkpoint_declares_a_joint_output_that_holds_without_names(act_pipeline):
+    """--from-lerobot writes processor.json's `output`: joint targets as Float64MultiArray, hold on bad input, and no
+    joint names, because LeRobot's config carries none (asserted on the config LeRobot wrote, so a LeRobot that
+    starts saving names shows up here)."""
+    from vla_export.deploy import Policy
+    from vla_export.deploy.ros2_node import resolve_output
+    from vla_export.errors import UserError
+
+    lerobot_config = json.loads((act_pipeline["pretrained"] / "config.json").read_text())
+    assert {k: sorted(f) for k, f in lerobot_config["output_features"].items()} == {"action": ["shape", "type"]}
+    want = {"kind": "joint", "msg_type": "std_msgs/msg/Float64MultiArray", "fail_safe": "hold", "joint_names": [],
+            "time_from_start_s": 0.1}
+    assert json.loads((act_pipeline["checkpoint"] / "processor.json").read_text())["output"] == want
+    with Policy.load(act_pipeline["bundle"], backend="onnxruntime") as policy:
+        declared = policy.processor.output
+        action_names = policy.action_names
+    assert declared == want  # travelled into the bundle
+    # what the ROS 2 node makes of it: Float64MultiArray on joint_commands, holding; JointTrajectory needs names
+    out = resolve_output(declared, action_names, {})
+    assert (out.kind, out.msg_type, out.fail_safe, out.topic) == ("joint", want["msg_type"], "hold", "joint_commands")
+    with pytest.raises(UserError, match="needs joint names"):
+        resolve_output(declared, action_names, {}, output_type="trajectory_msgs/msg/JointTrajectory")
+
+
 def test_exported_spec_is_the_chunk_with_a_static_image_size(act_pipeline):
     manifest = json.loads(Path(str(act_pipeline["artifact"]) + ".json").read_text())
     spec = manifest["io_spec"]

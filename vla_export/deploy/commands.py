@@ -75,25 +75,51 @@ def _validation_line(info: dict) -> str:
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "aoti", "torch"]), default="auto",
               show_default=True, help="Runtime for the bundle's artifact (auto: the fastest this machine runs).")
 @click.option("--max-image-age-ms", type=float, default=500.0, show_default=True,
-              help="Publish a zero Twist when the newest image is older than this.")
+              help="Apply the fail-safe when the newest input (each camera, joint_states) is older than this.")
 @click.option("--rate-hz", type=float, default=0.0, show_default=True,
-              help="Act at this rate on the newest image; 0 = one action per image.")
+              help="Act at this rate on the newest inputs; 0 = one action per frame of the (first) camera.")
 @click.option("--instruction", default="", help="Instruction used until one arrives on the 'instruction' topic.")
 @click.option("--image-reliability", type=click.Choice(["best_effort", "reliable"]), default="best_effort",
-              show_default=True, help="QoS of the image subscription (reliable: large frames across processes).")
+              show_default=True, help="QoS of the image subscriptions (reliable: large frames across processes).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: its default, one per core).")
+# The output options default to None and are then not passed, so the bundle's `output` block (or a launch file's
+# `--ros-args -p ...`) decides; the node validates every value, the same way for this command and for a launch file.
+@click.option("--output-type", default=None,
+              help="Message the action is published as: geometry_msgs/msg/Twist, std_msgs/msg/Float64MultiArray or "
+                   "trajectory_msgs/msg/JointTrajectory [default: the bundle's output block, else Twist].")
+@click.option("--action-topic", default=None,
+              help="Topic of the action [default: cmd_vel, joint_commands or joint_trajectory by type].")
+@click.option("--fail-safe", default=None,
+              help="On stale or bad input: zero (publish zeros) or hold (republish the last good command) "
+                   "[default: the bundle's; zero for Twist, hold for joints].")
+@click.option("--joint-names", default=None,
+              help="Comma-separated joint names, one per action value in action order (JointTrajectory needs them) "
+                   "[default: the bundle's].")
+@click.option("--state-joint-names", default=None,
+              help="Comma-separated JointState names whose positions fill observation.state, in order [default: "
+                   "the bundle's state names, else the joint names].")
+@click.option("--time-from-start-ms", type=float, default=None,
+              help="time_from_start of a JointTrajectory point [default: the bundle's, else 100].")
 @click.argument("ros_args", nargs=-1, type=click.UNPROCESSED)
-def ros2_node_command(bundle, backend, max_image_age_ms, rate_hz, instruction, image_reliability, threads, ros_args):
-    """Run the ROS 2 node vla_policy: image + instruction in, geometry_msgs/Twist on cmd_vel out.
+def ros2_node_command(bundle, backend, max_image_age_ms, rate_hz, instruction, image_reliability, threads, output_type,
+                      action_topic, fail_safe, joint_names, state_joint_names, time_from_start_ms, ros_args):
+    """Run the ROS 2 node vla_policy: camera images (+ joint states, an instruction) in, the policy's action out.
 
-    Publishes a zero Twist when images stop (older than --max-image-age-ms), on inference errors, on malformed
-    images, and once on shutdown (Ctrl-C). Extra arguments go to ROS (e.g. --ros-args -r image:=/camera/image_raw).
+    A one-camera bundle reads sensor_msgs/Image on image and the instruction; a bundle observing more reads one image
+    topic per camera (images/<cam>) and sensor_msgs/JointState on joint_states. The action goes out as the bundle's
+    processor.json output block says (each field overridable by the options below): geometry_msgs/Twist on cmd_vel
+    (no block), std_msgs/Float64MultiArray on joint_commands or trajectory_msgs/JointTrajectory on joint_trajectory. Fail-safe
+    when inputs stop (older than --max-image-age-ms), on inference errors, on malformed messages and once on shutdown
+    (Ctrl-C): a Twist publishes zero; a joint output holds (republishes the last good command; a zero position would
+    move every joint to 0). Extra arguments go to ROS (e.g. --ros-args -r image:=/camera/image_raw).
 
     \b
     Example:
       vla-export ros2-node --bundle dist/policy --instruction "Navigate around obstacles to track the target cup"
       vla-export ros2-node --bundle dist/policy --rate-hz 10 --ros-args -r image:=/camera/color/image_raw
+      vla-export ros2-node --bundle dist/act --rate-hz 30 --output-type trajectory_msgs/msg/JointTrajectory \\
+        --joint-names j1,j2,j3,j4,j5,gripper --ros-args -r images/top:=/top/image_raw
     """
     from vla_export.deploy.bundle import read_bundle
 
@@ -103,10 +129,13 @@ def ros2_node_command(bundle, backend, max_image_age_ms, rate_hz, instruction, i
     except ImportError as e:  # pragma: no cover - ros2_node guards its own imports
         raise UserError(f"the ROS 2 node cannot be imported ({e}); pip install 'vla-export[ros]'") from e
     ros2_node.require_rclpy()
+    output = {"output_type": output_type, "action_topic": action_topic, "fail_safe": fail_safe,
+              "joint_names": joint_names, "state_joint_names": state_joint_names,
+              "time_from_start_ms": None if time_from_start_ms is None else float(time_from_start_ms)}
     code = ros2_node.run(["vla-export", *ros_args], overrides={
         "bundle": str(bundle), "backend": backend, "max_image_age_ms": float(max_image_age_ms),
         "rate_hz": float(rate_hz), "instruction": instruction, "image_reliability": image_reliability,
-        "threads": int(threads)})
+        "threads": int(threads), **{k: v for k, v in output.items() if v is not None}})
     if code:
         raise SystemExit(code)
 

@@ -76,6 +76,7 @@ def processor_from_lerobot(src: str | Path, model_config: dict[str, Any], arch_m
     """The vla-export processor of a LeRobot pretrained_model folder; `arch_module` adds the policy's own steps
     (`processor_steps`: observation schema + steps before/after normalisation, `chunk_step`)."""
     from vla_export.processors import NormalizeStep, Processor, RenameStep, UnnormalizeStep
+    from vla_export.processors.core import FLOAT64_ARRAY_MSG
 
     src = Path(src)
     observation, before, after = arch_module.processor_steps(model_config)
@@ -108,5 +109,11 @@ def processor_from_lerobot(src: str | Path, model_config: dict[str, Any], arch_m
         observation = {inverse.get(k, k): v for k, v in observation.items()}
         steps.insert(0, RenameStep(renames, keep_others=True))
     chunk = arch_module.chunk_step(model_config)
+    # The actions are joint targets (LeRobot's arms are position-controlled), so the node holds the last command on
+    # bad input: a zero target would move every joint to 0. No joint_names: LeRobot 0.4 saves features as
+    # PolicyFeature(type, shape) only (lerobot/configs/types.py: config.json's output_features and the normalizer
+    # steps' features alike) and the dataset's action names stay in the dataset's meta/info.json, so a
+    # JointTrajectory needs the node's joint_names; a Float64MultiArray is the action vector in action order.
+    output = {"kind": "joint", "msg_type": FLOAT64_ARRAY_MSG, "fail_safe": "hold"}
     return Processor(observation, steps, [chunk, *post], action_key="action",
-                     action_dim=int(model_config["action_dim"]))
+                     action_dim=int(model_config["action_dim"]), output=output)

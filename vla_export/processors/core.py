@@ -4,7 +4,8 @@ A processor is part of an architecture's contract (model + IO spec + processor).
 and in the bundle, so the robot needs neither the training code nor a plug-in's Python:
 
   processor.json         {"format", "observation": {key: {"type", "shape"}}, "preprocessor": [step...],
-                          "postprocessor": [step...], "action": {"key", "dim"}, "files": [...]}
+                          "postprocessor": [step...], "action": {"key", "dim"}, "files": [...],
+                          "output": {"kind", "msg_type", "fail_safe", "joint_names", "time_from_start_s"}}
                          each step {"name": <registered name>, "config": {...plain JSON...}}
   processor.safetensors  every step's tensors (normalisation stats ...), keyed `<pipeline>.<index>.<tensor>`
   files                  what steps name (tokenizer JSON), copied beside processor.json
@@ -14,6 +15,11 @@ Observation keys follow LeRobot's: `observation.images.<camera>` (RGB uint8 HxWx
 batch, to the IO spec's feeds; the postprocessor maps the model's outputs (`actions`, maybe a chunk) back to one
 action per frame in robot units, keeping whatever runtime state it needs (an action queue, a temporal ensemble)
 until `reset()`.
+
+`output` (optional) says what the actions command, for the ROS 2 node: `kind` twist (a base's velocities: a zero
+command stops it, so `fail_safe` is zero) or joint (an arm's joint targets: a zero command moves every joint to 0, so
+`fail_safe` is hold by default), the message type, the joint names in action order and a trajectory point's
+`time_from_start_s`. See `check_output` and vla_export/deploy/ros2_node.py.
 
 Steps are looked up by registered name only: a processor.json never makes vla-export import a module it names.
 A step written in Python (the documented hook) subclasses `ProcessorStep`, registers with `@register_step("name")`,
@@ -39,8 +45,73 @@ STATE_FILE = "processor.safetensors"
 PROCESSOR_FORMAT = "vla-export-processor"
 PIPELINES = ("preprocessor", "postprocessor")
 OBSERVATION_TYPES = {"image": 3, "state": 1, "text": 0}  # rank of one unbatched value
+# What a policy's actions command (processor.json `output`): the ROS 2 message types each kind may be published as.
+TWIST_MSG, FLOAT64_ARRAY_MSG, JOINT_TRAJECTORY_MSG = ("geometry_msgs/msg/Twist", "std_msgs/msg/Float64MultiArray",
+                                                      "trajectory_msgs/msg/JointTrajectory")
+OUTPUT_MSG_TYPES = {"twist": (TWIST_MSG,), "joint": (FLOAT64_ARRAY_MSG, JOINT_TRAJECTORY_MSG)}
+FAIL_SAFES = ("zero", "hold")
+OUTPUT_KEYS = ("kind", "msg_type", "fail_safe", "joint_names", "time_from_start_s")
+DEFAULT_TIME_FROM_START_S = 0.1
 
 _REGISTRY: dict[str, type[ProcessorStep]] = {}
+
+
+def msg_type_name(name: str) -> str:
+    """A ROS 2 message type as `pkg/msg/Type`; `pkg/Type` (the ROS 1 / short spelling) is accepted."""
+    parts = str(name).strip().split("/")
+    return f"{parts[0]}/msg/{parts[1]}" if len(parts) == 2 else "/".join(parts)
+
+
+def check_output(output: dict[str, Any], source: str = PROCESSOR_FILE) -> dict[str, Any]:
+    """The `output` block with its defaults filled in, or UserError (one line) naming what is wrong.
+
+    Defaults: kind from msg_type (else twist), msg_type the kind's first (Twist, Float64MultiArray), fail_safe zero
+    for twist and hold for joint. Refused: a twist that holds (repeating a velocity keeps the base moving) and a
+    JointTrajectory that zeroes (a zero position target moves every joint to 0)."""
+    if not isinstance(output, dict):
+        raise UserError(f"{source}: output must be a JSON object with keys {list(OUTPUT_KEYS)}, got "
+                        f"{type(output).__name__}")
+    unknown = sorted(set(output) - set(OUTPUT_KEYS))
+    if unknown:
+        raise UserError(f"{source}: output has unknown keys {unknown}; known: {list(OUTPUT_KEYS)}")
+    msg_type = msg_type_name(output["msg_type"]) if output.get("msg_type") else None
+    known = [t for types in OUTPUT_MSG_TYPES.values() for t in types]
+    if msg_type is not None and msg_type not in known:
+        raise UserError(f"{source}: output msg_type {output['msg_type']!r} is not supported; use one of "
+                        f"{', '.join(known)}")
+    kind = output.get("kind") or next((k for k, types in OUTPUT_MSG_TYPES.items() if msg_type in types), "twist")
+    if kind not in OUTPUT_MSG_TYPES:
+        raise UserError(f"{source}: output kind {kind!r} is not one of {', '.join(OUTPUT_MSG_TYPES)}")
+    msg_type = msg_type or OUTPUT_MSG_TYPES[kind][0]
+    if msg_type not in OUTPUT_MSG_TYPES[kind]:
+        raise UserError(f"{source}: output msg_type {msg_type} cannot carry a {kind} output; use "
+                        f"{' or '.join(OUTPUT_MSG_TYPES[kind])}")
+    fail_safe = output.get("fail_safe") or ("zero" if kind == "twist" else "hold")
+    if fail_safe not in FAIL_SAFES:
+        raise UserError(f"{source}: output fail_safe {fail_safe!r} is not one of {', '.join(FAIL_SAFES)}")
+    if kind == "twist" and fail_safe == "hold":
+        raise UserError(f"{source}: a twist output cannot hold on bad input (repeating a velocity keeps the robot "
+                        "moving); use fail_safe zero")
+    if msg_type == JOINT_TRAJECTORY_MSG and fail_safe == "zero":
+        raise UserError(f"{source}: a JointTrajectory output cannot zero on bad input (a zero position target moves "
+                        "every joint to 0); use fail_safe hold, or Float64MultiArray for joint velocities")
+    names = output.get("joint_names") or []
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"{source}: output joint_names must be a list of non-empty strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise UserError(f"{source}: output joint_names repeat a name: {list(names)}")
+    if kind == "twist" and names:
+        raise UserError(f"{source}: joint_names are for a joint output, but the output kind is twist")
+    try:
+        given = output.get("time_from_start_s")
+        time_from_start_s = float(DEFAULT_TIME_FROM_START_S if given is None else given)
+    except (TypeError, ValueError):
+        time_from_start_s = -1.0
+    if not np.isfinite(time_from_start_s) or time_from_start_s <= 0:
+        raise UserError(f"{source}: output time_from_start_s must be a number > 0, got "
+                        f"{output.get('time_from_start_s')!r}")
+    return {"kind": kind, "msg_type": msg_type, "fail_safe": fail_safe, "joint_names": list(names),
+            "time_from_start_s": time_from_start_s}
 
 
 def register_step(name: str) -> Callable[[type[ProcessorStep]], type[ProcessorStep]]:
@@ -112,7 +183,8 @@ class Processor:
 
     def __init__(self, observation: dict[str, dict[str, Any]], preprocessor: list[ProcessorStep],
                  postprocessor: list[ProcessorStep] | None = None, action_key: str = "action",
-                 output_key: str = "actions", action_dim: int | None = None, base_dir: str | os.PathLike | None = None):
+                 output_key: str = "actions", action_dim: int | None = None, base_dir: str | os.PathLike | None = None,
+                 output: dict[str, Any] | None = None):
         for key, info in observation.items():
             if info.get("type") not in OBSERVATION_TYPES:
                 raise UserError(f"processor observation {key!r} has type {info.get('type')!r}; use one of "
@@ -123,6 +195,12 @@ class Processor:
         self.action_key = action_key
         self.output_key = output_key
         self.action_dim = action_dim
+        # what the actions command on a robot (check_output); None: undeclared (the ROS 2 node then assumes a Twist)
+        self.output = check_output(output) if output is not None else None
+        if self.output and self.output["joint_names"] and action_dim is not None \
+                and len(self.output["joint_names"]) != action_dim:
+            raise UserError(f"processor output names {len(self.output['joint_names'])} joints "
+                            f"{self.output['joint_names']} but the action has {action_dim} values")
         self.base_dir = Path(base_dir) if base_dir is not None else None
         if self.base_dir is not None:
             self.bind(self.base_dir)
@@ -242,6 +320,7 @@ class Processor:
             "action": {"key": self.action_key, "output": self.output_key, "dim": self.action_dim},
             "state_file": STATE_FILE,
             "files": self.files(),
+            **({"output": self.output} if self.output is not None else {}),
         }
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -295,7 +374,7 @@ class Processor:
         action = data.get("action") or {}
         return cls(data.get("observation") or {}, pipes["preprocessor"], pipes["postprocessor"],
                    action_key=action.get("key", "action"), output_key=action.get("output", "actions"),
-                   action_dim=action.get("dim"), base_dir=base_dir)
+                   action_dim=action.get("dim"), base_dir=base_dir, output=_checked_output(data, source))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Processor:
@@ -316,6 +395,10 @@ class Processor:
         except Exception as e:  # safetensors raises its own SafetensorError
             raise UserError(f"{state_path} is not a readable safetensors file ({str(e)[:160]})") from e
         return cls.from_json(data, state, base_dir=directory, source=str(path))
+
+
+def _checked_output(data: dict[str, Any], source: str) -> dict[str, Any] | None:
+    return check_output(data["output"], source) if data.get("output") is not None else None
 
 
 def has_processor(directory: str | os.PathLike) -> bool:
