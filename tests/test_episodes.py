@@ -188,3 +188,22 @@ def test_split_of_named_episodes_is_by_episode(tmp_path):
     paths = list_episodes(tmp_path)
     train, val = split_episodes(paths, 0.2, seed=0)
     assert len(val) == 1 and sorted(train + val) == paths
+
+
+def test_episodes_info_lists_named_observations(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from vla_export.cli import main
+
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        write_episode(tmp_path / f"e{i}.h5", _named_episode(rng))
+    res = CliRunner().invoke(main, ["episodes", "info", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["observations"] == ["observation.images.top", "observation.images.wrist", "observation.state"]
+    assert info["image_sizes"] == ["10x10", "12x16"] and info["action_columns"] == 5
+    res = CliRunner().invoke(main, ["episodes", "info", str(tmp_path)])
+    assert "| a0 |" in res.output and "linear_x" not in res.output  # the mobile robot's names are not this data's
