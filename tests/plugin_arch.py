@@ -128,3 +128,65 @@ def build_arm(cfg):
         dims={"batch": Dim("batch", 1, 1, 4)},
     )
     return ArmPolicy().eval(), spec, arm_processor()
+
+
+# -- a plug-in shaped like LeRobot's ACT (issue 12): two cameras + state -> a normalised action chunk ---------------
+CHUNK_CAMS = ("observation.images.top", "observation.images.wrist")
+CHUNK_STATE_DIM, CHUNK_ACTION_DIM, CHUNK_LEN, CHUNK_IMAGE = 3, 4, 3, 32
+# far from (0, 1), so a task MAE that skipped the postprocessor's unnormalise would be far off
+CHUNK_ACTION_MEAN, CHUNK_ACTION_STD = [5.0, -3.0, 1.0, 0.5], [2.0, 0.5, 1.5, 0.1]
+CHUNK_STATE_MEAN, CHUNK_STATE_STD = [0.2, -0.1, 0.0], [1.5, 0.5, 2.0]
+
+
+class ChunkPolicy(nn.Module):
+    """Cameras [B, 2, 3, 32, 32] (one shared conv encoder) + state [B, 3] -> actions [B, chunk 3, 4] (normalised)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(3, width, 4, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.state = nn.Linear(CHUNK_STATE_DIM, width)
+        self.head = nn.Linear(3 * width, CHUNK_LEN * CHUNK_ACTION_DIM)
+
+    def forward(self, images, state):
+        b = images.shape[0]
+        cams = self.image(images.flatten(0, 1)).reshape(b, -1)
+        return self.head(torch.cat([cams, self.state(state)], dim=-1)).reshape(b, CHUNK_LEN, CHUNK_ACTION_DIM)
+
+
+def chunk_processor():
+    """ACT's processor shape: image -> normalize -> stack -> rename, then action_chunk -> unnormalize."""
+    from vla_export.processors import (
+        ActionChunkStep,
+        ImageStep,
+        NormalizeStep,
+        Processor,
+        RenameStep,
+        StackStep,
+        UnnormalizeStep,
+    )
+
+    size = [CHUNK_IMAGE, CHUNK_IMAGE]
+    return Processor(
+        {**{k: {"type": "image", "shape": [3, *size]} for k in CHUNK_CAMS},
+         "observation.state": {"type": "state", "shape": [CHUNK_STATE_DIM]}},
+        [ImageStep(list(CHUNK_CAMS), size=size),
+         NormalizeStep.with_stats({"observation.state": "mean_std"},
+                                  {"observation.state": {"mean": CHUNK_STATE_MEAN, "std": CHUNK_STATE_STD}}),
+         StackStep(list(CHUNK_CAMS), out="images"),
+         RenameStep({"observation.state": "state", "images": "images"})],
+        [ActionChunkStep("action", chunk_size=CHUNK_LEN, n_action_steps=2),
+         UnnormalizeStep.with_stats({"action": "mean_std"},
+                                    {"action": {"mean": CHUNK_ACTION_MEAN, "std": CHUNK_ACTION_STD}})],
+        action_dim=CHUNK_ACTION_DIM)
+
+
+def build_chunked(cfg):
+    width = int(cfg.get("width", 8))
+    spec = IOSpec(
+        inputs=[TensorSpec("images", "float32", ("batch", len(CHUNK_CAMS), 3, CHUNK_IMAGE, CHUNK_IMAGE)),
+                TensorSpec("state", "float32", ("batch", CHUNK_STATE_DIM))],
+        outputs=[TensorSpec("actions", "float32", ("batch", CHUNK_LEN, CHUNK_ACTION_DIM),
+                            "normalised chunk; the processor executes and unnormalises it")],
+        dims={"batch": Dim("batch", 1, 1, 8)},
+    )
+    return ChunkPolicy(width).eval(), spec, chunk_processor()

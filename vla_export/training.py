@@ -148,6 +148,9 @@ class FrameSet:
         self.pre = pre
         self.action_dim = action_dim
         for ep in episodes:
+            if len(ep.camera_keys) != 1:  # the hybrid sees one camera: never train on a silently chosen one
+                raise UserError(f"episode {ep.name} has cameras {ep.camera_keys}; the built-in hybrid trains on "
+                                "episodes with exactly one camera")
             if ep.actions.shape[1] < action_dim:
                 raise UserError(f"episode {ep.name} has {ep.actions.shape[1]} action columns but the model predicts "
                                 f"{action_dim}; set --set action_dim={ep.actions.shape[1]}")

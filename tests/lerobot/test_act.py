@@ -234,3 +234,61 @@ def test_from_lerobot_refuses_a_folder_without_processors(act_pipeline, tmp_path
     assert result.exit_code == 2
     assert "policy_preprocessor.json does not exist" in result.output
     assert not (tmp_path / "c").exists()
+
+
+def lerobot_first_actions(pretrained: Path, root: Path, episodes: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """LeRobot's own task actions: `LeRobotDataset[i]` items of `episodes` -> preprocessor -> predict_action_chunk
+    -> the chunk's first action -> postprocessor; and the recorded actions."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    from tests.lerobot.datasets import REPO_ID
+
+    policy = ACTPolicy.from_pretrained(pretrained).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(pretrained))
+    dataset = LeRobotDataset(REPO_ID, root=root, video_backend="pyav")
+    got, truth = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if int(item["episode_index"]) not in episodes:
+            continue
+        with torch.no_grad():
+            chunk = policy.predict_action_chunk(pre({k: item[k] for k in (*CAMS, "observation.state")}))
+            got.append(post(chunk[:, 0]).numpy()[0])
+        truth.append(item["action"].numpy())
+    return np.stack(got), np.stack(truth)
+
+
+def test_validate_and_quantize_take_a_lerobot_dataset(act_pipeline, tmp_path):
+    """`validate --episodes DIR` and `quantize --calib DIR` with a LeRobot v3 dataset (written by LeRobot, video):
+    the reference's task MAE is LeRobot's own policy on LeRobot's own dataset items (first chunk action,
+    unnormalised, vs the recorded action)."""
+    from click.testing import CliRunner
+
+    from tests.lerobot.datasets import write_dataset
+    from vla_export.cli import main
+    from vla_export.data.task import select_episodes
+
+    data = write_dataset(tmp_path / "ds", cams=CAMS, image_hw=IMAGE[1:], state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                         lengths=(4, 3, 4, 3, 4), use_videos=True)
+    val = {ref.index for ref in select_episodes(act_pipeline["checkpoint"], data, "val")}
+    got, truth = lerobot_first_actions(act_pipeline["pretrained"], data, val)
+    want = float(np.abs(got.astype(np.float64) - truth).mean())
+
+    out = tmp_path / "validation.json"
+    result = CliRunner().invoke(main, ["validate", str(act_pipeline["artifact"].parent), "--episodes", str(data),
+                                       "-o", str(out), "--batch", "1,2"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["task"]["reference_mae"] == pytest.approx(want, abs=1e-6)
+    assert row["task"]["mae"] == pytest.approx(want, abs=1e-5)  # ORT fp32: the same actions
+    assert len(row["task"]["per_episode_mae"]) == len(val)
+
+    result = CliRunner().invoke(main, ["quantize", str(act_pipeline["artifact"]), "--mode", "static", "--calib",
+                                       str(data), "--calib-frames", "4", "--episodes", str(data),
+                                       "-o", str(tmp_path / "q")])
+    assert result.exit_code in (0, 3), result.output  # 3: INT8 missed a budget; the gate still ran on the dataset
+    manifest = json.loads((tmp_path / "q" / "model.int8-static.onnx.json").read_text())
+    assert manifest["metrics"]["task"]["reference_mae"] == pytest.approx(want, abs=1e-6)
+    assert manifest["metrics"]["task"]["frames"] == len(truth)

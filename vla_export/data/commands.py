@@ -12,7 +12,8 @@ from vla_export.errors import UserError
 
 @click.group("episodes")
 def episodes_group():
-    """Create or inspect robot episodes (HDF5: images [T,H,W,3] uint8, actions [T,>=2], instruction).
+    """Create or inspect robot episodes (HDF5: images [T,H,W,3] uint8 or named observation.* datasets, actions
+    [T,>=2], instruction; `info` also reads a LeRobot v3 dataset directory).
 
     \b
     Example:
@@ -60,13 +61,15 @@ def info_cmd(directory, as_json):
     eps = [load_episode(p) for p in paths]
     train, val = split_episodes(paths)
     actions = np.concatenate([e.actions for e in eps]).astype(np.float64)
-    sizes = sorted({f"{e.images.shape[1]}x{e.images.shape[2]}" for e in eps})
+    sizes = sorted({f"{v.shape[1]}x{v.shape[2]}" for e in eps for k, v in e.observations.items()
+                    if k in e.camera_keys})
+    observations = sorted({k for e in eps for k in e.observations})
     instructions: dict[str, int] = {}
     for e in eps:
         instructions[e.instruction] = instructions.get(e.instruction, 0) + 1
     summary = {
         "directory": str(directory), "episodes": len(eps), "frames": int(sum(len(e) for e in eps)),
-        "image_sizes": sizes, "action_columns": int(actions.shape[1]),
+        "observations": observations, "image_sizes": sizes, "action_columns": int(actions.shape[1]),
         "action_mean": actions.mean(0).round(4).tolist(), "action_std": actions.std(0).round(4).tolist(),
         "action_min": actions.min(0).round(4).tolist(), "action_max": actions.max(0).round(4).tolist(),
         "instructions": instructions, "split": {"train": len(train), "val": len(val), "val_fraction": 0.2, "seed": 0},
@@ -74,13 +77,16 @@ def info_cmd(directory, as_json):
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{summary['episodes']} episodes, {summary['frames']} frames, images {', '.join(sizes)}, "
-               f"{summary['action_columns']} action columns; split train {len(train)} / val {len(val)}")
+    click.echo(f"{summary['episodes']} episodes, {summary['frames']} frames, observations "
+               f"{', '.join(observations)}, images {', '.join(sizes)}, {summary['action_columns']} action columns; "
+               f"split train {len(train)} / val {len(val)}")
     click.echo("| action | mean | std | min | max |\n|---|---|---|---|---|")
-    from vla_export.data.episodes import ACTION_NAMES
+    from vla_export.data.episodes import ACTION_NAMES, SINGLE_CAMERA
 
+    # the mobile robot's names belong to the original layout only; other data's columns are numbered
+    original = all(list(e.observations) == [SINGLE_CAMERA] for e in eps)
     for i in range(actions.shape[1]):
-        name = ACTION_NAMES[i] if i < len(ACTION_NAMES) else f"a{i}"
+        name = ACTION_NAMES[i] if original and i < len(ACTION_NAMES) else f"a{i}"
         click.echo(f"| {name} | {summary['action_mean'][i]} | {summary['action_std'][i]} | "
                    f"{summary['action_min'][i]} | {summary['action_max'][i]} |")
     click.echo("| instruction | episodes |\n|---|---|")

@@ -1,8 +1,19 @@
-"""Robot episodes: one HDF5 file per episode, a loader that checks them, a split by episode, a synthetic generator.
+"""Robot episodes: one HDF5 file per episode (or a LeRobot v3 dataset), a loader that checks them, a split by
+episode, a synthetic generator.
 
-File layout (the original robot data's): dataset `images` [T, H, W, 3] uint8 (RGB camera frames), dataset `actions`
-[T, >=2] float (linear_x, linear_y, angular_z), attribute `instruction` (str). Files without the attribute (the
-original recordings had one fixed task) get `DEFAULT_INSTRUCTION`.
+An episode is named observations + actions + task text, keyed as LeRobot keys them (and as processor.json declares
+what a policy observes): cameras `observation.images.<cam>` [T, H, W, 3] uint8 RGB, vectors such as
+`observation.state` [T, S] float32, `actions` [T, D] float32 (any width), the task text.
+
+HDF5 layouts, told apart by their dataset names:
+- named: datasets `observation.images.<cam>` (one or more), `observation.state` (and any other `observation.<key>`
+  [T, S] vector), `actions` [T, D]; attribute `instruction` (the task text).
+- the original robot data's (read unchanged): dataset `images` [T, H, W, 3] uint8, dataset `actions` [T, >=2] float
+  (linear_x, linear_y, angular_z), attribute `instruction`. It is one camera, `observation.image` (LeRobot's key for
+  a dataset's only camera). Files without the attribute (the original recordings had one fixed task) get
+  `DEFAULT_INSTRUCTION`.
+A directory holding `meta/info.json` is a LeRobot v3 dataset instead (`vla_export.data.lerobot_dataset`); its episodes
+load into the same `Episode`.
 
 The synthetic episodes stand in for the original recordings (which are not distributed): a holonomic mobile robot
 (linear_x forward, linear_y left, angular_z yaw) tracks a slowly moving cup among box obstacles, seen through a
@@ -21,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +44,10 @@ COMPLETE_MARKER = ".complete"
 SYNTH_MARKER = ".synth"  # written first: a rerun may replace these files, even after an interrupted run
 DEFAULT_INSTRUCTION = "Navigate around obstacles to track the target cup"
 ACTION_NAMES = ["linear_x", "linear_y", "angular_z"]
+OBSERVATION_PREFIX = "observation."
+CAMERA_PREFIX = "observation.images."
+SINGLE_CAMERA = "observation.image"  # the camera of an (images, actions, instruction) file
+STATE_KEY = "observation.state"
 
 # 96x96 keeps 72 episodes at ~70 MB and is still finer than the tiny model's patch grids once resized to 224
 # (Kosmos 16x16 patches of 14 px, CLIP 7x7 of 32 px): a far cup (~8 px wide here) still covers a patch. Larger
@@ -55,38 +70,118 @@ STOP_DISTANCE_M = 0.7
 OBSTACLE_RANGE_M = 1.6
 
 
+def is_camera_key(key: str) -> bool:
+    return key == SINGLE_CAMERA or key.startswith(CAMERA_PREFIX)
+
+
 @dataclass
 class Episode:
+    """One episode. Built either from `images` (one camera, the original layout: it becomes `observation.image`) or
+    from named `observations`; `images` is then the first camera (None for an episode without one)."""
+
     name: str
-    images: np.ndarray  # [T, H, W, 3] uint8
-    actions: np.ndarray  # [T, A] float32, A >= 2
-    instruction: str
+    images: np.ndarray | None  # [T, H, W, 3] uint8: the first camera
+    actions: np.ndarray  # [T, A] float32
+    instruction: str  # the task text
     # the cups in view, when the file says (synthetic episodes do): ("red", "blue") is a two-cup scene, where the
     # instruction's colour decides which cup to track (`vla_export.validate.instruction`)
     cup_colours: tuple[str, ...] = ()
+    # every observation by key: cameras [T, H, W, 3] uint8, vectors [T, S] float32
+    observations: dict[str, np.ndarray] = field(default_factory=dict)
+    # the task text per frame where it changes within the episode (LeRobot datasets allow it); empty: `instruction`
+    frame_tasks: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.observations:
+            if self.images is None:
+                raise ValueError("an episode needs images or named observations")
+            self.observations = {SINGLE_CAMERA: self.images}
+        elif self.images is None and self.camera_keys:
+            self.images = self.observations[self.camera_keys[0]]
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.actions.shape[0])
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return [k for k in self.observations if is_camera_key(k)]
+
+    def tasks(self, index) -> list[str]:
+        """The task text of the frames `index` (a slice or indices) selects."""
+        n = len(np.arange(len(self))[index])
+        return list(np.asarray(self.frame_tasks, dtype=object)[index]) if self.frame_tasks else [self.instruction] * n
 
 
 # -- files -----------------------------------------------------------------------------------------------------------
-def list_episodes(directory: str | os.PathLike) -> list[Path]:
-    """The episode files of a directory, sorted by name."""
+def list_episodes(directory: str | os.PathLike) -> list:
+    """The episodes of a directory, sorted: its HDF5 files by name, or a LeRobot v3 dataset's episodes by index
+    (`lerobot_dataset.LeRobotEpisode`). `load_episode` reads either."""
+    from vla_export.data import lerobot_dataset
+
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"episode directory {directory} does not exist; create one with "
-                        f"`vla-export episodes synth -o {directory}` or pass the directory of your .h5 episodes")
+                        f"`vla-export episodes synth -o {directory}` or pass the directory of your .h5 episodes "
+                        "(or of a LeRobot v3 dataset)")
+    if lerobot_dataset.is_lerobot_dataset(directory):
+        return lerobot_dataset.list_episodes(directory)
     paths = sorted(p for p in directory.iterdir() if p.suffix in EPISODE_SUFFIXES and not p.name.startswith("."))
     if not paths:
-        raise UserError(f"episode directory {directory} has no .h5/.hdf5 files; create them with "
-                        f"`vla-export episodes synth -o {directory}`")
+        raise UserError(f"episode directory {directory} has no .h5/.hdf5 files (nor meta/info.json of a LeRobot "
+                        f"dataset); create episodes with `vla-export episodes synth -o {directory}`")
     return paths
 
 
-def load_episode(path: str | os.PathLike) -> Episode:
-    """Read and check one episode file; every problem is one UserError line naming the file."""
+def _text_attr(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _check_camera(path, key: str, frames: np.ndarray) -> None:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise UserError(f"episode {path}: {key} is {frames.dtype} {tuple(frames.shape)}, expected uint8 "
+                        "[T,H,W,3] RGB frames")
+    if min(frames.shape[1:3]) < 8:
+        raise UserError(f"episode {path}: {key} frames are {frames.shape[1]}x{frames.shape[2]} pixels, too small "
+                        "to use (need at least 8x8)")
+
+
+def check_episode(path, observations: dict[str, np.ndarray], actions: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Observations and actions checked (one UserError line naming `path`) and cast: vectors and actions float32."""
+    if actions.ndim != 2 or actions.shape[1] < 1 or not np.issubdtype(actions.dtype, np.number):
+        raise UserError(f"episode {path}: actions are {actions.dtype} {tuple(actions.shape)}, expected float "
+                        "[T, action_dim]")
+    out = {}
+    for key, value in observations.items():
+        if is_camera_key(key):
+            _check_camera(path, key, value)
+        else:
+            if value.ndim != 2 or not np.issubdtype(value.dtype, np.number):
+                raise UserError(f"episode {path}: {key} is {value.dtype} {tuple(value.shape)}, expected a float "
+                                "[T, S] vector per frame")
+            value = value.astype(np.float32, copy=False)
+            if not np.isfinite(value).all():
+                raise UserError(f"episode {path}: {key} contains NaN or Inf; fix or drop this episode")
+        if value.shape[0] != actions.shape[0]:
+            raise UserError(f"episode {path}: {value.shape[0]} frames of {key} but {actions.shape[0]} actions; "
+                            "each frame needs one action")
+        out[key] = value
+    if actions.shape[0] == 0:
+        raise UserError(f"episode {path} has no frames; an episode needs at least one")
+    actions = actions.astype(np.float32, copy=False)
+    if not np.isfinite(actions).all():
+        raise UserError(f"episode {path}: actions contain NaN or Inf; fix or drop this episode")
+    return out, actions
+
+
+def load_episode(path) -> Episode:
+    """Read and check one episode (an HDF5 file, either layout, or a `LeRobotEpisode`); every problem is one
+    UserError line naming it."""
     import h5py
 
+    from vla_export.data.lerobot_dataset import LeRobotEpisode
+
+    if isinstance(path, LeRobotEpisode):
+        return path.load()
     path = Path(path)
     try:
         f = h5py.File(path, "r")
@@ -95,43 +190,48 @@ def load_episode(path: str | os.PathLike) -> Episode:
     except OSError as e:
         raise UserError(f"episode {path} is not a readable HDF5 file ({str(e).splitlines()[0][:120]})") from e
     with f:
-        for key in ("images", "actions"):
+        named = sorted(k for k in f.keys() if k.startswith(OBSERVATION_PREFIX))
+        if named and "images" in f:
+            raise UserError(f"episode {path} has both 'images' and {named}: use one layout (named "
+                            "observation.images.<cam> datasets, or the single 'images')")
+        for key in (["actions"] if named else ["images", "actions"]):
             if key not in f or not isinstance(f[key], h5py.Dataset):
-                raise UserError(f"episode {path} has no '{key}' dataset (expected images [T,H,W,3] uint8 and "
-                                "actions [T,>=2] float32)")
-        images = f["images"][()]
+                raise UserError(f"episode {path} has no '{key}' dataset (expected images [T,H,W,3] uint8, or named "
+                                "observation.images.<cam> / observation.state datasets, and actions [T,>=2] float32)")
+        for key in named:
+            if not isinstance(f[key], h5py.Dataset):
+                raise UserError(f"episode {path}: {key} is a group, not a dataset; store each observation as one "
+                                "[T, ...] dataset")
+        observations = {k: f[k][()] for k in named} if named else {SINGLE_CAMERA: f["images"][()]}
         actions = f["actions"][()]
-        instruction = f.attrs.get("instruction", DEFAULT_INSTRUCTION)
-        cups = f.attrs.get("cup_colours", "")
-    if isinstance(instruction, bytes):
-        instruction = instruction.decode("utf-8")
-    instruction = str(instruction)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"episode {path}: images are {images.dtype} {tuple(images.shape)}, expected uint8 "
-                        "[T,H,W,3] RGB frames")
-    if actions.ndim != 2 or actions.shape[1] < 2 or not np.issubdtype(actions.dtype, np.floating):
-        raise UserError(f"episode {path}: actions are {actions.dtype} {tuple(actions.shape)}, expected float32 "
-                        "[T,>=2] (linear_x, linear_y, angular_z)")
-    if images.shape[0] == 0 or images.shape[0] != actions.shape[0]:
-        raise UserError(f"episode {path}: {images.shape[0]} images but {actions.shape[0]} actions; each frame needs "
-                        "one action and an episode at least one frame")
-    if min(images.shape[1:3]) < 8:
-        raise UserError(f"episode {path}: images are {images.shape[1]}x{images.shape[2]} pixels, too small to use "
-                        "(need at least 8x8)")
-    actions = actions.astype(np.float32, copy=False)
-    if not np.isfinite(actions).all():
-        raise UserError(f"episode {path}: actions contain NaN or Inf; fix or drop this episode")
-    if isinstance(cups, bytes):
-        cups = cups.decode("utf-8")
-    cup_colours = tuple(c for c in str(cups).split(",") if c)
-    return Episode(name=path.stem, images=images, actions=actions, instruction=instruction, cup_colours=cup_colours)
+        instruction = _text_attr(f.attrs.get("instruction", DEFAULT_INSTRUCTION))
+        cups = _text_attr(f.attrs.get("cup_colours", ""))
+    if not named:
+        # the original layout's own checks and words: two action columns at least (linear_x, linear_y)
+        images = observations[SINGLE_CAMERA]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(f"episode {path}: images are {images.dtype} {tuple(images.shape)}, expected uint8 "
+                            "[T,H,W,3] RGB frames")
+        if actions.ndim != 2 or actions.shape[1] < 2 or not np.issubdtype(actions.dtype, np.floating):
+            raise UserError(f"episode {path}: actions are {actions.dtype} {tuple(actions.shape)}, expected float32 "
+                            "[T,>=2] (linear_x, linear_y, angular_z)")
+        if images.shape[0] == 0 or images.shape[0] != actions.shape[0]:
+            raise UserError(f"episode {path}: {images.shape[0]} images but {actions.shape[0]} actions; each frame "
+                            "needs one action and an episode at least one frame")
+    observations, actions = check_episode(path, observations, actions)
+    cup_colours = tuple(c for c in cups.split(",") if c)
+    return Episode(name=path.stem, images=None, actions=actions, instruction=instruction, cup_colours=cup_colours,
+                   observations=observations)
 
 
-def split_episodes(paths: list[Path], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """Deterministic train/val split BY EPISODE (frames of one episode are never on both sides)."""
+def split_episodes(paths: list, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """Deterministic train/val split BY EPISODE (frames of one episode are never on both sides). `paths`: what
+    `list_episodes` gives (file paths, or a LeRobot dataset's episodes)."""
+    from vla_export.data.lerobot_dataset import LeRobotEpisode
+
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    paths = sorted(Path(p) for p in paths)
+    paths = sorted(p if isinstance(p, LeRobotEpisode) else Path(p) for p in paths)
     if len(paths) < 2 and val_fraction > 0:
         raise UserError(f"need at least 2 episodes to hold one out for validation, got {len(paths)}")
     order = list(range(len(paths)))
@@ -144,17 +244,24 @@ def split_episodes(paths: list[Path], val_fraction: float = 0.2, seed: int = 0) 
 
 
 def write_episode(path: str | os.PathLike, episode: Episode) -> Path:
-    """Write one episode atomically (temporary name in the same directory, then rename)."""
+    """Write one episode atomically (temporary name in the same directory, then rename): the original layout for a
+    one-camera `observation.image` episode (so older readers still take it), else the named layout."""
     import h5py
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    single = list(episode.observations) == [SINGLE_CAMERA]
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("images", data=np.ascontiguousarray(episode.images, dtype=np.uint8),
-                         chunks=(1, *episode.images.shape[1:]))
+        for key, value in episode.observations.items():
+            name = "images" if single else key
+            if is_camera_key(key):
+                f.create_dataset(name, data=np.ascontiguousarray(value, dtype=np.uint8), chunks=(1, *value.shape[1:]))
+            else:
+                f.create_dataset(name, data=np.asarray(value, dtype=np.float32))
         f.create_dataset("actions", data=np.asarray(episode.actions, dtype=np.float32))
         f.attrs["instruction"] = episode.instruction
-        f.attrs["action_names"] = ",".join(ACTION_NAMES[: episode.actions.shape[1]])
+        if single:
+            f.attrs["action_names"] = ",".join(ACTION_NAMES[: episode.actions.shape[1]])
         if episode.cup_colours:
             f.attrs["cup_colours"] = ",".join(episode.cup_colours)
     os.chmod(tmp, 0o644)

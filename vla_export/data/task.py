@@ -1,23 +1,32 @@
-"""Task data: held-out episodes preprocessed for a checkpoint, with ground-truth actions, for task-level metrics.
+"""Task data: held-out episodes turned into a checkpoint's feeds, with ground-truth actions, for task-level metrics.
 
 `load_task_data` reproduces the training split (seed and fraction from config.json `training` when the checkpoint
 was trained here) so validation measures held-out episodes, orders frames by episode then time (an LSTM rollout
-carries state within an episode and resets it at the next), and preprocesses with the checkpoint's own
-`Preprocessor` (or, for a checkpoint with its own processor.json, that processor). `calibration_frames` draws INT8 calibration inputs from the train split, never from validation.
+carries state within an episode and resets it at the next), and turns frames into feeds with the checkpoint's own
+`EpisodeFeeder`: the built-in hybrid's `Preprocessor` (one camera + instruction), or for a checkpoint with a
+processor.json its preprocessor steps on the episode's named observations (cameras, `observation.state`, task text).
+`calibration_frames` draws INT8 calibration inputs from the train split, never from validation.
+
+Outputs -> actions (`TaskData.predicted_actions`): the hybrid's `actions` are in action units already (its first
+`action_dim` columns are compared). A processor checkpoint's outputs go through its postprocessor, reset before each
+batch, so every frame gives the action `Policy.act` executes on a step where the model runs on that frame's
+observation: for an action chunk [B, chunk, D] (ACT) that is the chunk's FIRST action, unnormalised, compared with the
+action recorded at that frame. The rest of a chunk is executed on later steps from an older observation (or, with
+temporal ensembling, averaged with older chunks); judging it would make a frame's score depend on the frames before it
+and on the queue length, so the task MAE is the per-frame, history-free one (what LeRobot's chunk loss is at offset 0).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vla_export.data.episodes import list_episodes, load_episode, split_episodes
-from vla_export.data.preprocess import Preprocessor
+from vla_export.data.episodes import Episode, list_episodes, load_episode, split_episodes
 from vla_export.errors import UserError
-from vla_export.processors import frame_preprocessor
 
 SPLITS = ("train", "val", "all")
 
@@ -28,6 +37,16 @@ class TaskData:
     actions: np.ndarray  # [N, action_dim] float32 ground truth
     episode: list[str]  # episode name per frame
     t: np.ndarray  # [N] frame index within its episode
+    # model outputs of a batch of frames -> [B, action_dim] actions, comparable with `actions` (module docstring)
+    to_actions: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
+
+    def predicted_actions(self, outputs: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
+        """[N, action_dim] actions from the model's outputs for every frame (in frames' order)."""
+        if self.to_actions is None:
+            return np.asarray(outputs["actions"])[:, : self.actions.shape[1]]
+        n = len(next(iter(outputs.values())))
+        return np.concatenate([self.to_actions({k: v[i:i + batch] for k, v in outputs.items()})
+                               for i in range(0, n, batch)])
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -52,7 +71,8 @@ def split_settings(config: dict) -> tuple[float, int]:
 
 
 def select_episodes(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.PathLike, split: str = "val",
-                    max_episodes: int | None = None) -> list[Path]:
+                    max_episodes: int | None = None) -> list:
+    """The episodes of one split (file paths, or a LeRobot dataset's `LeRobotEpisode`s; `load_episode` reads both)."""
     from vla_export.checkpoint import read_config
 
     if split not in SPLITS:
@@ -68,25 +88,96 @@ def select_episodes(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.Pa
     return paths[:max_episodes] if max_episodes else paths
 
 
+class EpisodeFeeder:
+    """A checkpoint's view of episodes: frames -> the IO spec's feeds, model outputs -> actions (module docstring).
+
+    The built-in hybrid (no processor.json) keeps its `Preprocessor` (one camera + instruction; unchanged numbers).
+    A processor checkpoint gets each observation key it declares from the episode by name; a one-camera processor
+    also takes a one-camera episode whatever the camera is called (an HDF5 file of the original layout)."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike):
+        from vla_export.checkpoint import read_config
+        from vla_export.processors import Processor, has_processor
+
+        self.processor = None
+        self.preprocessor = None
+        if has_processor(checkpoint_dir):
+            self.processor = Processor.load(checkpoint_dir)
+            model_config = read_config(checkpoint_dir).get("model_config") or {}
+            self.action_dim = int(self.processor.action_dim or model_config.get("action_dim", 2))
+        else:
+            from vla_export.data.preprocess import Preprocessor
+
+            self.preprocessor = Preprocessor.from_checkpoint(checkpoint_dir)
+            self.action_dim = int(self.preprocessor.model_config.get("action_dim", 2))
+
+    def observation(self, episode: Episode, index) -> dict[str, Any]:
+        """The processor's observation (batched) of the frames `index` selects."""
+        proc = self.processor
+        obs: dict[str, Any] = {}
+        cams = proc.image_keys
+        if all(k in episode.observations for k in cams):
+            obs |= {k: episode.observations[k][index] for k in cams}
+        elif len(cams) == 1 and len(episode.camera_keys) == 1:
+            obs[cams[0]] = episode.observations[episode.camera_keys[0]][index]
+        else:
+            raise UserError(f"episode {episode.name} has cameras {episode.camera_keys} but this checkpoint's "
+                            f"processor observes {cams}; use episodes recorded with those cameras")
+        for key in proc.keys_of("state"):
+            if key not in episode.observations:
+                raise UserError(f"episode {episode.name} has no {key} (it has {sorted(episode.observations)}); this "
+                                "checkpoint's processor observes it")
+            value = episode.observations[key][index]
+            want = (proc.observation[key].get("shape") or [None])[-1]
+            if want is not None and value.shape[-1] != int(want):
+                raise UserError(f"episode {episode.name}: {key} has {value.shape[-1]} values per frame, the "
+                                f"checkpoint's processor expects {want}")
+            obs[key] = value
+        if proc.text_key is not None:
+            obs[proc.text_key] = episode.tasks(index)
+        return obs
+
+    def feeds(self, episode: Episode, index) -> dict[str, np.ndarray]:
+        """Model feeds of the frames `index` (a slice or frame indices) of `episode`."""
+        if self.processor is None:
+            if len(episode.camera_keys) != 1:
+                raise UserError(f"episode {episode.name} has cameras {episode.camera_keys}; the built-in hybrid sees "
+                                "exactly one camera (and the instruction)")
+            texts = episode.tasks(index)
+            # one shared instruction is tokenised once (the common case: an episode has one task)
+            return self.preprocessor(episode.images[index], texts[0] if len(set(texts)) == 1 else texts)
+        return self.processor.preprocess(self.observation(episode, index))
+
+    def recorded_actions(self, episode: Episode, index) -> np.ndarray:
+        if episode.actions.shape[1] < self.action_dim:
+            raise UserError(f"episode {episode.name} has {episode.actions.shape[1]} action columns but the model "
+                            f"predicts {self.action_dim}; these episodes do not match the checkpoint")
+        return episode.actions[index, : self.action_dim]
+
+    def to_actions(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """A batch of model outputs -> [B, action_dim] through the postprocessor, fresh (reset) for the batch."""
+        self.processor.reset()
+        try:
+            return self.processor.postprocess(outputs)
+        finally:
+            self.processor.reset()
+
+
 def load_task_data(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.PathLike, split: str = "val",
                    max_frames: int | None = None, max_episodes: int | None = None,
-                   preprocessor: Preprocessor | None = None) -> TaskData:
-    """Preprocessed frames + ground-truth actions of one split, ordered by episode then time."""
-    pre = preprocessor or frame_preprocessor(checkpoint_dir)
-    action_dim = int(pre.model_config.get("action_dim", 2))
+                   feeder: EpisodeFeeder | None = None) -> TaskData:
+    """Feeds + ground-truth actions of one split, ordered by episode then time."""
+    feeder = feeder or EpisodeFeeder(checkpoint_dir)
     parts: list[dict[str, np.ndarray]] = []
     actions, names, times = [], [], []
     remaining = max_frames if max_frames else None
     for path in select_episodes(checkpoint_dir, episodes_dir, split, max_episodes):
         ep = load_episode(path)
-        if ep.actions.shape[1] < action_dim:
-            raise UserError(f"episode {path} has {ep.actions.shape[1]} action columns but the model predicts "
-                            f"{action_dim}; these episodes do not match the checkpoint")
         n = len(ep) if remaining is None else min(len(ep), remaining)
         if n <= 0:
             break
-        parts.append(pre.preprocess_frames(ep.images[:n], ep.instruction))
-        actions.append(ep.actions[:n, :action_dim])
+        parts.append(feeder.feeds(ep, slice(0, n)))
+        actions.append(feeder.recorded_actions(ep, slice(0, n)))
         names += [ep.name] * n
         times.append(np.arange(n, dtype=np.int64))
         if remaining is not None:
@@ -97,7 +188,7 @@ def load_task_data(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.Pat
         raise UserError(f"no frames loaded from {episodes_dir} ({split} split)")
     feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return TaskData(feeds=feeds, actions=np.concatenate(actions).astype(np.float32), episode=names,
-                    t=np.concatenate(times))
+                    t=np.concatenate(times), to_actions=feeder.to_actions if feeder.processor is not None else None)
 
 
 def calibration_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.PathLike, n: int = 64,
@@ -107,16 +198,16 @@ def calibration_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os
     Recurrent-state inputs (LSTM h/c) are not included; add `spec.initial_state(batch)` or rolled-out states."""
     if n < 1:
         raise UserError(f"need at least one calibration frame, got {n}")
-    pre = frame_preprocessor(checkpoint_dir)
+    feeder = EpisodeFeeder(checkpoint_dir)
     paths = select_episodes(checkpoint_dir, episodes_dir, "train")
     rng = np.random.default_rng(seed)
     episodes = [load_episode(p) for p in paths]
-    picks = [(e, int(t)) for e, ep in enumerate(episodes) for t in range(len(ep))]
+    picks = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep))]
     order = rng.permutation(len(picks))[: n * batch]
     picks = sorted(picks[i] for i in order)
     out = []
     for i in range(0, len(picks) - batch + 1, batch):
         chunk = picks[i:i + batch]
-        images = [episodes[e].images[t] for e, t in chunk]
-        out.append(pre(images, [episodes[e].instruction for e, _ in chunk]))
+        parts = [feeder.feeds(episodes[e], [t]) for e, t in chunk]
+        out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return out

@@ -130,7 +130,8 @@ def load_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.PathLi
 
     episodes_dir = Path(episodes_dir)
     if not episodes_dir.is_dir():
-        raise UserError(f"{what} directory {episodes_dir} does not exist; pass a directory of episode .h5 files")
+        raise UserError(f"{what} directory {episodes_dir} does not exist; pass a directory of episode .h5 files "
+                        "or a LeRobot v3 dataset")
     try:
         data = load_task_data(checkpoint_dir, episodes_dir, split=split, max_frames=max_frames)
     except UserError as e:
@@ -152,7 +153,8 @@ def load_calibration(checkpoint_dir: str | os.PathLike, calib_dir: str | os.Path
 
     calib_dir = Path(calib_dir)
     if not calib_dir.is_dir():
-        raise UserError(f"--calib directory {calib_dir} does not exist; pass a directory of episode .h5 files")
+        raise UserError(f"--calib directory {calib_dir} does not exist; pass a directory of episode .h5 files or "
+                        "a LeRobot v3 dataset")
     try:
         frames = calibration_frames(checkpoint_dir, calib_dir, n=n, seed=seed, batch=1)
     except UserError as e:
@@ -266,8 +268,11 @@ def evaluate(artifact: str | os.PathLike, precision: str, reference: Reference, 
             pred = reference.predict(runner.infer, reference.task_feeds)
             truth = np.asarray(reference.task.actions, dtype=np.float64)
             dim = truth.shape[-1]
-            ref_mae = float(np.abs(reference.task_out[out_name][:, :dim] - truth).mean())
-            art_mae = float(np.abs(pred[out_name][:, :dim].astype(np.float64) - truth).mean())
+            # actions as data.task defines them (a processor checkpoint's outputs through its postprocessor)
+            ref_actions = reference.task.predicted_actions({"actions": reference.task_out[out_name]})
+            art_actions = reference.task.predicted_actions({"actions": pred[out_name]})
+            ref_mae = float(np.abs(ref_actions[:, :dim].astype(np.float64) - truth).mean())
+            art_mae = float(np.abs(art_actions[:, :dim].astype(np.float64) - truth).mean())
             increase = art_mae - ref_mae
             result["task"] = {
                 "split": "val", "frames": int(len(truth)), "episodes": len(reference.task_episodes),

@@ -102,12 +102,18 @@ def build_swap_set(episodes: list, preprocessor, action_dim: int, action_names: 
 def colour_swap_set(checkpoint_dir: str | os.PathLike, episodes_dir: str | os.PathLike, split: str = "val",
                     max_episodes: int | None = None, max_frames: int | None = None,
                     preprocessor=None) -> SwapSet | None:
-    """The swap set of a checkpoint's `split` (the training split, as `load_task_data` reproduces it), or None."""
+    """The swap set of a checkpoint's `split` (the training split, as `load_task_data` reproduces it), or None.
+
+    None for a checkpoint with its own processor.json: the swap reads the built-in hybrid's raw `actions` on its
+    cup scenes, and such a policy's outputs are actions only after its postprocessor."""
     from vla_export.checkpoint import read_config
     from vla_export.data.episodes import load_episode
     from vla_export.data.preprocess import Preprocessor
     from vla_export.data.task import select_episodes
+    from vla_export.processors import has_processor
 
+    if preprocessor is None and has_processor(checkpoint_dir):
+        return None
     pre = preprocessor or Preprocessor.from_checkpoint(checkpoint_dir)
     config = read_config(checkpoint_dir)
     action_dim = int(pre.model_config.get("action_dim", 2))

@@ -9,8 +9,10 @@ Per artifact (and provider):
   checkpoint must still hash to `source.checkpoint_sha256` ("stale": rebuilt reference would not be its reference);
 - parity: MAE / max abs / relative L2 / cosine of every output vs the reference over N inputs at batch 1 and 4;
 - LSTM heads: a rollout per episode feeding `h_out -> h`, `c_out -> c` from `spec.initial_state`, for both;
-- task (with `--episodes`): action MAE against ground truth (overall and per action), its change from the
-  reference's, worst episode; and the instruction colour swap on two-cup episodes (`instruction.py`);
+- task (with `--episodes`: HDF5 episodes or a LeRobot v3 dataset directory): action MAE against ground truth
+  (overall and per action), its change from the reference's, worst episode; outputs become actions as
+  `data.task` says (a processor checkpoint's through its postprocessor: ACT's first chunk action, unnormalised);
+  and the instruction colour swap on two-cup episodes (`instruction.py`, the built-in hybrid's);
 - gates: tolerances keyed by precision (variant entries override), resolved in `resolve_tolerances`.
 
 A backend this machine cannot run (`BackendUnavailable`) is "skipped", which does not fail the run.
@@ -347,7 +349,9 @@ def task_metrics(pred: np.ndarray, truth: np.ndarray, episodes: list[np.ndarray]
     worst = max(per_episode, key=per_episode.get)
     errors = np.abs(pred.astype(np.float64) - truth)
     # per action: one average hides an output that does not move
-    labels = list(action_names or [])[: errors.shape[1]] or [f"a{i}" for i in range(errors.shape[1])]
+    # a checkpoint's names label its actions only when there is one per column (a plug-in may keep the defaults)
+    names = list(action_names or [])
+    labels = names[: errors.shape[1]] if len(names) >= errors.shape[1] else [f"a{i}" for i in range(errors.shape[1])]
     return {"mae": float(errors.mean()), "per_action_mae": {a: float(v) for a, v in zip(labels, errors.mean(0),
                                                                                         strict=True)},
             "per_episode_mae": per_episode, "worst_episode": worst, "worst_episode_mae": per_episode[worst]}
@@ -476,8 +480,9 @@ def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Re
             ref_task = reference_task(reference, inputs, names)
             # task_predictor (validate --ray: fleet.ray_validate) spreads the frames over a cluster; None = here
             pred = task_predictor(artifact, target, inputs, spec, max_batch) if task_predictor else None
-            if pred is None:
-                pred = task_predictions(infer, inputs, spec, max_batch)[ACTIONS]
+            outputs = ({ACTIONS: pred} if pred is not None else task_predictions(infer, inputs, spec, max_batch))
+            # through the checkpoint's postprocessor where it has one (an ACT chunk: its first action, unnormalised)
+            pred = inputs.task.predicted_actions(outputs)
             art_task = task_metrics(pred, truth, inputs.episodes, names, reference.checkpoint.action_names)
             increases = {e: art_task["per_episode_mae"][e] - ref_task["per_episode_mae"][e] for e in names}
             worst = max(increases, key=increases.get)
@@ -521,7 +526,8 @@ def validate_on_target(artifact: Artifact, target: dict[str, Any], reference: Re
 def reference_task(reference: Reference, inputs: InputSet, names: list[str]) -> dict[str, Any]:
     key = ("task-metrics",)
     if key not in reference._cache:
-        pred = task_predictions(lambda f: reference.runner.infer(f), inputs, reference.spec)[ACTIONS]
+        pred = inputs.task.predicted_actions(task_predictions(lambda f: reference.runner.infer(f), inputs,
+                                                             reference.spec))
         reference._cache[key] = task_metrics(pred, np.asarray(inputs.task.actions, dtype=np.float64),
                                              inputs.episodes, names, reference.checkpoint.action_names)
     return reference._cache[key]
