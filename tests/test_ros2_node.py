@@ -105,20 +105,72 @@ def _spin(executor):
         pass
 
 
-class Harness:
-    """The node under test (its own context) and a test node (another context) on one fresh ROS domain."""
+class NodeHarness:
+    """The node under test (its own context) and a test node (another context) on one fresh ROS domain: the shared
+    start-up, the received-message log and the tear-down of `Harness` (Twist) and `ArmHarness` (joint commands)."""
+
+    def _start_test_side(self, name: str) -> None:
+        self.domain = _domain_id()
+        self.received: list[tuple[float, object]] = []
+        self.lock = threading.Lock()
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx, domain_id=self.domain)
+        self.test_node = Node(name, context=self.ctx)
+
+    def _start_node(self, bundle: Path, params: dict) -> None:
+        """Spin the test node, then start the node under test on the same domain."""
+        from vla_export.deploy.ros2_node import PolicyNode, parameter_overrides
+
+        self.test_exec = SingleThreadedExecutor(context=self.ctx)
+        self.test_exec.add_node(self.test_node)
+        threading.Thread(target=_spin, args=(self.test_exec,), daemon=True).start()
+        self.node_ctx = rclpy.Context()
+        rclpy.init(context=self.node_ctx, domain_id=self.domain)
+        self.node = PolicyNode(context=self.node_ctx,
+                               parameter_overrides=parameter_overrides(bundle=str(bundle), **params))
+        self.node_exec = MultiThreadedExecutor(num_threads=3, context=self.node_ctx)
+        self.node_exec.add_node(self.node)
+        threading.Thread(target=_spin, args=(self.node_exec,), daemon=True).start()
+
+    def _record(self, value) -> None:
+        with self.lock:
+            self.received.append((time.monotonic(), value))
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.received)
+
+    def close(self) -> None:
+        for ex in (self.node_exec, self.test_exec):
+            ex.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        self.test_node.destroy_node()
+        rclpy.try_shutdown(context=self.node_ctx)
+        rclpy.try_shutdown(context=self.ctx)
+
+
+def harnesses(cls, bundle: Path):
+    """Fixture body: a factory of `cls` harnesses on `bundle`, each closed at the end of the test."""
+    made = []
+
+    def make(**params):
+        h = cls(bundle, **params)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+class Harness(NodeHarness):
+    """The node on the Twist bundle, with a test node publishing images and the instruction and listening on
+    cmd_vel."""
 
     def __init__(self, bundle: Path, latched_instruction: str | None = INSTRUCTION, twist_reliable: bool = True,
                  **params):
-        from vla_export.deploy.ros2_node import PolicyNode, parameter_overrides
-
-        self.domain = _domain_id()
-        self.received: list[tuple[float, np.ndarray]] = []
-        self.lock = threading.Lock()
         # the test side first, so the latched instruction exists before the node subscribes
-        self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx, domain_id=self.domain)
-        self.test_node = Node("vla_policy_test", context=self.ctx)
+        self._start_test_side("vla_policy_test")
         self.image_pub = self.test_node.create_publisher(Image, "image", QoSProfile(depth=10))
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -131,28 +183,13 @@ class Harness:
         self.test_node.create_subscription(Twist, "cmd_vel", self._on_twist, twist_qos)
         if latched_instruction is not None:
             self.instruction_pub.publish(String(data=latched_instruction))
-        self.test_exec = SingleThreadedExecutor(context=self.ctx)
-        self.test_exec.add_node(self.test_node)
-        threading.Thread(target=_spin, args=(self.test_exec,), daemon=True).start()
-
-        self.node_ctx = rclpy.Context()
-        rclpy.init(context=self.node_ctx, domain_id=self.domain)
-        self.node = PolicyNode(context=self.node_ctx,
-                               parameter_overrides=parameter_overrides(bundle=str(bundle), **params))
-        self.node_exec = MultiThreadedExecutor(num_threads=3, context=self.node_ctx)
-        self.node_exec.add_node(self.node)
-        threading.Thread(target=_spin, args=(self.node_exec,), daemon=True).start()
+        self._start_node(bundle, params)
         wait_for(lambda: self.image_pub.get_subscription_count() > 0 and self.received, "discovery")
 
     def _on_twist(self, msg: Twist) -> None:
         from vla_export.deploy.ros2_node import twist_values
 
-        with self.lock:
-            self.received.append((time.monotonic(), twist_values(msg)))
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.received)
+        self._record(twist_values(msg))
 
     def since(self, mark: int) -> list[tuple[float, np.ndarray]]:
         with self.lock:
@@ -167,14 +204,6 @@ class Harness:
         found = wait_for(lambda: [t for t, v in self.since(mark) if not np.any(v != 0)], "a zero Twist")
         return found[0]
 
-    def close(self) -> None:
-        for ex in (self.node_exec, self.test_exec):
-            ex.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
-        self.test_node.destroy_node()
-        rclpy.try_shutdown(context=self.node_ctx)
-        rclpy.try_shutdown(context=self.ctx)
-
 
 def wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S):
     deadline = time.monotonic() + timeout_s
@@ -188,16 +217,7 @@ def wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S):
 
 @pytest.fixture
 def harness_factory(bundle):
-    made = []
-
-    def make(**params):
-        h = Harness(bundle, **params)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    yield from harnesses(Harness, bundle)
 
 
 # -- tests ------------------------------------------------------------------------------------------------------------
@@ -431,19 +451,12 @@ def command_values(msg) -> np.ndarray:
     return np.array(msg.data)
 
 
-class ArmHarness:
-    """The node on an arm bundle (its own context) and a test node with the cameras, joint_states and a listener on
-    the command topic, on one fresh ROS domain."""
+class ArmHarness(NodeHarness):
+    """The node on an arm bundle, with a test node publishing the cameras and joint_states and listening on the
+    command topic."""
 
     def __init__(self, bundle: Path, msg_type: str = FLOAT64_ARRAY, **params):
-        from vla_export.deploy.ros2_node import PolicyNode, parameter_overrides
-
-        self.domain = _domain_id()
-        self.received: list[tuple[float, object]] = []
-        self.lock = threading.Lock()
-        self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx, domain_id=self.domain)
-        self.test_node = Node("vla_policy_arm_test", context=self.ctx)
+        self._start_test_side("vla_policy_arm_test")
         self.camera_pubs = {cam: self.test_node.create_publisher(Image, f"images/{cam.rsplit('.', 1)[1]}",
                                                                  QoSProfile(depth=10)) for cam in ARM_CAMERAS}
         self.state_pub = self.test_node.create_publisher(JointState, "joint_states", QoSProfile(depth=10))
@@ -453,17 +466,7 @@ class ArmHarness:
         else:
             self.topic = "joint_trajectory"
             self.test_node.create_subscription(JointTrajectory, self.topic, self._on_command, QoSProfile(depth=100))
-        self.test_exec = SingleThreadedExecutor(context=self.ctx)
-        self.test_exec.add_node(self.test_node)
-        threading.Thread(target=_spin, args=(self.test_exec,), daemon=True).start()
-
-        self.node_ctx = rclpy.Context()
-        rclpy.init(context=self.node_ctx, domain_id=self.domain)
-        self.node = PolicyNode(context=self.node_ctx,
-                               parameter_overrides=parameter_overrides(bundle=str(bundle), **params))
-        self.node_exec = MultiThreadedExecutor(num_threads=3, context=self.node_ctx)
-        self.node_exec.add_node(self.node)
-        threading.Thread(target=_spin, args=(self.node_exec,), daemon=True).start()
+        self._start_node(bundle, params)
         inputs = {"/images/top", "/images/wrist", "/joint_states"}
         # matched on both sides: a best-effort sample sent before the node's reader matched this writer is lost
         wait_for(lambda: all(p.get_subscription_count() > 0 for p in [*self.camera_pubs.values(), self.state_pub])
@@ -471,16 +474,11 @@ class ArmHarness:
                  and self.test_node.count_publishers(self.topic) > 0, "discovery")
 
     def _on_command(self, msg) -> None:
-        with self.lock:
-            self.received.append((time.monotonic(), msg))
+        self._record(msg)
 
     def since(self, mark: int) -> list:
         with self.lock:
             return [m for _, m in self.received[mark:]]
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.received)
 
     def received_count(self, key: str) -> int:
         latest = self.node._latest[key]
@@ -510,27 +508,10 @@ class ArmHarness:
     def next_command(self, mark: int):
         return wait_for(lambda: self.since(mark), "a command")[0]
 
-    def close(self) -> None:
-        for ex in (self.node_exec, self.test_exec):
-            ex.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
-        self.test_node.destroy_node()
-        rclpy.try_shutdown(context=self.node_ctx)
-        rclpy.try_shutdown(context=self.ctx)
-
 
 @pytest.fixture
 def arm_factory(arm_bundle):
-    made = []
-
-    def make(**params):
-        h = ArmHarness(arm_bundle, **params)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    yield from harnesses(ArmHarness, arm_bundle)
 
 
 def expected_arm_actions(bundle, observations) -> np.ndarray:
