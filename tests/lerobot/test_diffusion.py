@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("lerobot", reason="needs LeRobot 0.4: scripts/lerobot_env.sh")
 
 STATE_DIM, ACTION_DIM, IMAGE = 5, 4, (3, 48, 48)
-N_OBS, HORIZON, N_ACTION, DDIM_STEPS = 2, 8, 3, 3
+N_OBS, HORIZON, N_ACTION, DDIM_STEPS = 2, 8, 3, 2
 CAMS = ("observation.images.top",)
 
 
@@ -75,14 +75,11 @@ def model_call_noise(n_steps: int, seed: int = 11) -> dict[int, np.ndarray]:
     return {i: rng.standard_normal((1, HORIZON, ACTION_DIM)).astype(np.float32) for i in range(0, n_steps, N_ACTION)}
 
 
-def lerobot_actions(pretrained: Path, obs: list[dict[str, np.ndarray]], noise: dict[int, np.ndarray]) -> np.ndarray:
-    """LeRobot's own loop: preprocessor -> DiffusionPolicy.select_action(batch, noise=...) -> postprocessor, frames
-    as its datasets give them (float CHW in [0, 1]); the noise is given at the steps at which the model runs."""
-    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
-    from lerobot.policies.factory import make_pre_post_processors
-
-    policy = DiffusionPolicy.from_pretrained(pretrained).eval()
-    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(pretrained))
+def lerobot_actions(lerobot_policy, obs: list[dict[str, np.ndarray]], noise: dict[int, np.ndarray]) -> np.ndarray:
+    """LeRobot's own loop from a new episode: preprocessor -> DiffusionPolicy.select_action(batch, noise=...) ->
+    postprocessor, frames as its datasets give them (float CHW in [0, 1]); the noise is given at the steps at which
+    the model runs."""
+    policy, pre, post = lerobot_policy
     policy.reset()
     out = []
     for i, o in enumerate(obs):
@@ -95,10 +92,11 @@ def lerobot_actions(pretrained: Path, obs: list[dict[str, np.ndarray]], noise: d
 
 
 def policy_actions(policy, obs: list[dict[str, np.ndarray]], noise: dict[int, np.ndarray] | None) -> np.ndarray:
-    """Policy.act step by step; `noise` (when given) is handed to the processor's noise step before the steps at
-    which the model runs, as LeRobot's select_action is given it."""
+    """Policy.act step by step from a new episode; `noise` (when given) is handed to the processor's noise step
+    before the steps at which the model runs, as LeRobot's select_action is given it."""
     from vla_export.lerobot.diffusion import noise_step
 
+    policy.reset()
     out = []
     for i, o in enumerate(obs):
         if noise is not None and i in noise:
@@ -127,6 +125,25 @@ def diffusion_pipeline(tmp_path_factory):
     make_bundle(artifact, root / "bundle")
     return {"root": root, "pretrained": pretrained, "checkpoint": root / "ckpt", "artifact": artifact,
             "bundle": root / "bundle"}
+
+
+@pytest.fixture(scope="module")
+def lerobot_policy(diffusion_pipeline):
+    """LeRobot's DiffusionPolicy and its processors, loaded from the pretrained_model folder by LeRobot."""
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    policy = DiffusionPolicy.from_pretrained(diffusion_pipeline["pretrained"]).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(diffusion_pipeline["pretrained"]))
+    return policy, pre, post
+
+
+@pytest.fixture(scope="module")
+def bundle_policy(diffusion_pipeline):
+    from vla_export.deploy import Policy
+
+    with Policy.load(diffusion_pipeline["bundle"], backend="onnxruntime") as policy:
+        yield policy
 
 
 def test_checkpoint_holds_config_weights_and_processor_as_data(diffusion_pipeline):
@@ -164,45 +181,35 @@ def test_exported_graph_takes_history_and_noise_and_passed_its_gate(diffusion_pi
     assert manifest["status"] == "passed"
 
 
-def test_policy_act_matches_lerobot_select_action_given_the_same_noise(diffusion_pipeline):
-    from vla_export.deploy import Policy
-
+def test_policy_act_matches_lerobot_select_action_given_the_same_noise(lerobot_policy, bundle_policy):
     obs = observations(8)  # n_action_steps 3: the model runs at steps 0, 3, 6; the history sees all 8
     noise = model_call_noise(len(obs))
-    want = lerobot_actions(diffusion_pipeline["pretrained"], obs, noise)
-    with Policy.load(diffusion_pipeline["bundle"], backend="onnxruntime") as policy:
-        got = policy_actions(policy, obs, noise)
-        assert got.shape == (8, ACTION_DIM)
-        print(f"\nPolicy.act vs LeRobot select_action, same noise: max abs {np.abs(got - want).max():.3g}")
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-        policy.reset()  # a new episode: history and queue dropped, the same inputs give the same actions
-        np.testing.assert_allclose(policy_actions(policy, obs, noise), got, atol=1e-6, rtol=0)
+    want = lerobot_actions(lerobot_policy, obs, noise)
+    got = policy_actions(bundle_policy, obs, noise)
+    assert got.shape == (8, ACTION_DIM)
+    print(f"\nPolicy.act vs LeRobot select_action, same noise: max abs {np.abs(got - want).max():.3g}")
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # a new episode (policy_actions resets): history and queue dropped, the same inputs give the same actions
+    np.testing.assert_allclose(policy_actions(bundle_policy, obs, noise), got, atol=1e-6, rtol=0)
 
 
-def test_policy_draws_its_own_noise_from_a_seeded_generator(diffusion_pipeline):
+def test_policy_draws_its_own_noise_from_a_seeded_generator(lerobot_policy, bundle_policy):
     """Without given noise the processor draws it (numpy PCG64, seed 0, re-seeded on reset): the same draws given to
     LeRobot give LeRobot's actions, so Policy feeds the noise it draws, one draw per model call."""
-    from vla_export.deploy import Policy
-
     obs = observations(7, seed=4)
     rng = np.random.default_rng(0)
     drawn = {i: rng.standard_normal((1, HORIZON, ACTION_DIM), dtype=np.float32) for i in range(0, 7, N_ACTION)}
-    want = lerobot_actions(diffusion_pipeline["pretrained"], obs, drawn)
-    with Policy.load(diffusion_pipeline["bundle"], backend="onnxruntime") as policy:
-        got = policy_actions(policy, obs, None)
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-        policy.reset()
-        np.testing.assert_allclose(policy_actions(policy, obs, None), got, atol=1e-6, rtol=0)
+    want = lerobot_actions(lerobot_policy, obs, drawn)
+    got = policy_actions(bundle_policy, obs, None)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(policy_actions(bundle_policy, obs, None), got, atol=1e-6, rtol=0)
 
 
-def test_bundle_runs_without_lerobot(diffusion_pipeline):
+def test_bundle_runs_without_lerobot(diffusion_pipeline, bundle_policy):
     """Policy.load + act in a fresh interpreter in which `import lerobot` fails: the robot needs no LeRobot."""
-    from vla_export.deploy import Policy
-
     root = diffusion_pipeline["root"]
     obs = observations(5, seed=9)
-    with Policy.load(diffusion_pipeline["bundle"], backend="onnxruntime") as policy:
-        want = policy_actions(policy, obs, None)
+    want = policy_actions(bundle_policy, obs, None)
     np.savez(root / "obs.npz", **{f"{i}|{k}": v for i, o in enumerate(obs) for k, v in o.items()})
     script = textwrap.dedent(f"""
         import sys, importlib.abc

@@ -38,6 +38,9 @@ def lerobot_config(config_json: dict[str, Any]):
     by LeRobot's loader from a local directory (no hub access), on the CPU, without pretrained backbone weights
     (every weight comes from the checkpoint)."""
     require_lerobot()
+    # lerobot.policies imports every policy's config class, which registers its `type` with PreTrainedConfig's
+    # parser; without it a fresh process (the CLI) cannot parse any policy type ("Couldn't find a choice class")
+    import lerobot.policies  # noqa: F401
     from lerobot.configs.policies import PreTrainedConfig
 
     data = dict(config_json)
