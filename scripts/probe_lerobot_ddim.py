@@ -7,7 +7,8 @@ The sampler loop iterates Python ints (the scheduler's timesteps read once, outs
 diffusers' `DDIMScheduler.step` indexes `alphas_cumprod` with constants and traces; `int(t)` of a timestep tensor
 inside the traced forward is a data-dependent guard torch.export refuses. Prints: parameters, max |ours - LeRobot
 generate_actions| in eager, max |ORT - eager|, export wall time. Measured (2-core Xeon, loaded, torch 2.10 CPU):
-11.24 M parameters, eager 0, ORT 6.9e-7 at 5 DDIM steps, export 232 s and 490 s (two runs, load 8-15).
+11.24 M parameters, eager 0, ORT 6.9e-7 at 5 DDIM steps, export 232 s and 490 s (two runs, load 8-15); through
+`DiffusionSampler` (05 Dec 2026, load 6): eager 0, ORT 1.5e-6, export 62 s.
 """
 
 from __future__ import annotations
