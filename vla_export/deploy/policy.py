@@ -403,6 +403,7 @@ class Policy:
                 obs = self.observation(image, instruction)
             _, single = self.processor.batch_observation(obs)  # refuses bad input even when an action is queued
             if self.processor.pending():
+                self._with_threads(self.processor.observe, obs)  # an observation history still records it
                 actions = self.processor.postprocess(None)
             else:
                 actions = self.processor.postprocess(self.run(self._with_threads(self.processor.preprocess, obs)))

@@ -7,7 +7,9 @@ translated into vla-export steps (`vla_export.processors`). LeRobot itself is im
 (checkpoint, export); the exported artifact, the bundle and `Policy` run without it.
 
 Architectures: `lerobot-act` (ACT: the action chunk [B, chunk, action_dim] is the output; chunk execution and
-temporal ensembling run in the processor's `action_chunk` step, as `ACTPolicy.select_action` does).
+temporal ensembling run in the processor's `action_chunk` step, as `ACTPolicy.select_action` does),
+`lerobot-diffusion` (Diffusion Policy: a fixed-step DDIM sampler with the initial noise as an input; the observation
+history of `n_obs_steps`, the noise and the action queue run in the processor).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def lerobot_config(config_json: dict[str, Any]):
     by LeRobot's loader from a local directory (no hub access), on the CPU, without pretrained backbone weights
     (every weight comes from the checkpoint)."""
     require_lerobot()
+    # lerobot.policies imports every policy's config class, which registers its `type` with PreTrainedConfig's
+    # parser; without it a fresh process (the CLI) cannot parse any policy type ("Couldn't find a choice class")
+    import lerobot.policies  # noqa: F401
     from lerobot.configs.policies import PreTrainedConfig
 
     data = dict(config_json)
@@ -59,6 +64,6 @@ def build_lerobot_policy(config_json: dict[str, Any]):
 
 
 def architectures() -> dict[str, Any]:
-    from vla_export.lerobot import act
+    from vla_export.lerobot import act, diffusion
 
-    return {act.ARCH_NAME: act.ARCHITECTURE}
+    return {act.ARCH_NAME: act.ARCHITECTURE, diffusion.ARCH_NAME: diffusion.ARCHITECTURE}

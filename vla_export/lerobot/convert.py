@@ -8,7 +8,7 @@ from pathlib import Path
 from vla_export.errors import UserError
 from vla_export.manifest import read_json
 
-POLICY_MODULES = {"act": "vla_export.lerobot.act"}
+POLICY_MODULES = {"act": "vla_export.lerobot.act", "diffusion": "vla_export.lerobot.diffusion"}
 
 
 def _arch_module(policy_type: str):

@@ -142,6 +142,9 @@ class ProcessorStep:
     `pending()` when they can produce the next action without running the model."""
 
     registry_name: ClassVar[str] = ""
+    # True for a step that must see every observation, also those answered from a queued action without running the
+    # model (an observation history, as LeRobot's Diffusion Policy keeps): `Processor.observe` runs it.
+    observes_every_step: ClassVar[bool] = False
 
     def __init__(self, **cfg: Any):
         self.cfg = cfg
@@ -281,6 +284,16 @@ class Processor:
             data = step(data)
         return data
 
+    def observe(self, observation: dict[str, Any]) -> None:
+        """An observation that gets no model call (its action is queued): run the preprocessor up to its last step
+        that `observes_every_step` (an observation history), so that step still sees it; nothing when none does."""
+        last = max((i for i, s in enumerate(self.preprocessor) if s.observes_every_step), default=None)
+        data, _ = self.batch_observation(observation)
+        if last is None:
+            return
+        for step in self.preprocessor[:last + 1]:
+            data = step(data)
+
     def pending(self) -> bool:
         """True when the postprocessor can give the next action without a model call (a queued action chunk)."""
         return any(s.pending() for s in self.postprocessor)
@@ -301,7 +314,7 @@ class Processor:
              ) -> np.ndarray:
         """One control step: run the model only when no queued action is left. Returns [B, action_dim]."""
         if self.pending():
-            self.batch_observation(observation)  # still refuse bad input, even when the model is not run
+            self.observe(observation)  # refuses bad input and feeds an observation history, without a model call
             return self.postprocess(None)
         return self.postprocess(infer(self.preprocess(observation)))
 

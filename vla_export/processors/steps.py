@@ -3,7 +3,10 @@
 Pre-processing: `image` (uint8 HWC or float CHW frames -> float CHW, resized, optionally mean/std-normalised),
 `normalize` (per key: mean_std, min_max, quantiles, quantile10, identity; stats in safetensors), `tokenize` (a
 `tokenizers` JSON file, padded to a fixed length), `kosmos2_clip_text` (the built-in hybrid's two token layouts),
-`rename` (observation keys -> IO-spec input names, dropping the rest), `stack` (cameras -> one array).
+`rename` (observation keys -> IO-spec input names, dropping the rest), `stack` (cameras -> one array),
+`observation_history` (the last `n_obs_steps` observations per key, LeRobot's `populate_queues`; it sees every
+observation, also those answered from the action queue), `noise` (the initial noise a diffusion sampler takes as an
+input: drawn from a seeded generator, or given for the next model call).
 Post-processing: `action_chunk` (execute a [B, chunk, D] chunk: a queue of `n_action_steps`, or ACT's temporal
 ensemble), `unnormalize` (inverse of `normalize`, same modes and stats as LeRobot's `UnnormalizerProcessorStep`).
 """
@@ -337,3 +340,81 @@ class StackStep(ProcessorStep):
         out = {k: v for k, v in data.items() if k not in self.cfg["keys"]}
         out[self.cfg["out"]] = np.stack([data[k] for k in self.cfg["keys"]], axis=self.cfg["axis"])
         return out
+
+
+@register_step("observation_history")
+class ObservationHistoryStep(ProcessorStep):
+    """The last `n_obs_steps` values of each key, stacked on axis 1: [B, ...] -> [B, n_obs_steps, ...], as LeRobot's
+    `populate_queues` + `predict_action_chunk` (Diffusion Policy): the first observation of an episode fills the
+    whole history with copies of itself, each later one pushes the oldest out. `observes_every_step`: the processor
+    runs it (and the steps before it) on every observation, also when the action comes from the queue, because
+    LeRobot's `select_action` appends to the history on every call. config: keys, n_obs_steps. reset() clears it."""
+
+    observes_every_step = True
+
+    def __init__(self, keys: list[str], n_obs_steps: int):
+        if int(n_obs_steps) < 1:
+            raise ValueError(f"n_obs_steps {n_obs_steps} must be >= 1")
+        super().__init__(keys=list(keys), n_obs_steps=int(n_obs_steps))
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: dict[str, list[np.ndarray]] = {}
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        n = self.cfg["n_obs_steps"]
+        for key in self.cfg["keys"]:
+            if key not in data:
+                raise UserError(f"processor observation_history step: {key!r} not produced by the steps before it "
+                                f"(have {sorted(data)})")
+            x = np.asarray(data[key])
+            held = self.history.get(key)
+            if held and held[-1].shape != x.shape:
+                raise UserError(f"observation_history: {key!r} holds frames of shape {held[-1].shape}, got "
+                                f"{x.shape}; call reset() before changing the batch size")
+            self.history[key] = [*held[1:], x] if held else [x] * n
+            data[key] = np.stack(self.history[key], axis=1)
+        return data
+
+
+@register_step("noise")
+class NoiseStep(ProcessorStep):
+    """The initial noise a diffusion sampler exported with its noise as an input takes: `key` [B, *shape] float32.
+
+    Drawn from numpy's PCG64 generator seeded with `seed` (re-seeded by reset(), so an episode replays given the same
+    observations); this is not LeRobot's torch.randn stream, so the numbers differ from LeRobot's own draws while
+    following the same distribution (standard normal). `give(noise)` sets the noise of the next model call instead
+    (e.g. the same noise LeRobot's `select_action(batch, noise=...)` is given). config: key, shape, seed."""
+
+    def __init__(self, key: str = "noise", shape: list[int] | None = None, seed: int = 0):
+        if not shape or any(int(d) < 1 for d in shape):
+            raise ValueError(f"noise shape {shape} must be a list of positive sizes")
+        super().__init__(key=key, shape=[int(d) for d in shape], seed=int(seed))
+        self.reset()
+
+    def reset(self) -> None:
+        self.rng = np.random.default_rng(self.cfg["seed"])
+        self.given: np.ndarray | None = None
+
+    def give(self, noise: Any) -> None:
+        """Use `noise` ([B, *shape], or [*shape] for a single observation) for the next model call only."""
+        if hasattr(noise, "numpy") and not isinstance(noise, np.ndarray):  # a torch tensor
+            noise = noise.detach().cpu().numpy()
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.ndim == len(self.cfg["shape"]):
+            noise = noise[None]
+        if list(noise.shape[1:]) != self.cfg["shape"]:
+            want = ", ".join(map(str, self.cfg["shape"]))
+            raise UserError(f"noise: got shape {tuple(noise.shape)}, expected [B, {want}]")
+        self.given = noise
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        batch = len(next(iter(data.values())))
+        if self.given is not None:
+            noise, self.given = self.given, None
+            if noise.shape[0] != batch:
+                raise UserError(f"noise: given for batch {noise.shape[0]}, the observation has batch {batch}")
+        else:
+            noise = self.rng.standard_normal((batch, *self.cfg["shape"]), dtype=np.float32)
+        return {**data, self.cfg["key"]: noise}
