@@ -276,3 +276,88 @@ def test_validate_says_when_the_artifact_was_gated_on_another_cpu(made, tmp_path
     assert "gated by `export` on Cortex-A78AE" in row["judged_elsewhere"]
     assert f"int8 kernels {here['int8_kernels']}" in row["judged_elsewhere"]
     assert report["machine"]["cpu_features"] == here
+
+
+# -- a processor bundle that observes two cameras + state (LeRobot ACT's shape): real frames, by name -----------------
+@pytest.fixture(scope="module")
+def chunked_bundle(tmp_path_factory):
+    """The ACT-shaped plug-in (two cameras + observation.state -> a chunk) bundled with `--episodes` of named HDF5
+    episodes written through the episode API."""
+    import torch
+
+    from tests.plugin_arch import CHUNK_ACTION_DIM
+    from tests.test_task_data import PLUGIN, named_episodes
+    from vla_export.checkpoint import make_config, save_checkpoint
+    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
+    from vla_export.models import build_model
+
+    root = tmp_path_factory.mktemp("chunked_selftest")
+    # a bundle names each action it publishes, so the config names the chunk's four
+    names = [f"joint_{i}" for i in range(CHUNK_ACTION_DIM)]
+    config = make_config(PLUGIN, None, {"width": 8, "action_dim": CHUNK_ACTION_DIM}, action_names=names,
+                         action_units=["rad"] * CHUNK_ACTION_DIM)
+    torch.manual_seed(0)
+    model, _ = build_model(PLUGIN, config["model_config"])
+    ckpt = Path(save_checkpoint(model, root / "ckpt", config))
+    artifact = Path(export_checkpoint(ckpt, root / "artifacts",
+                                      ExportOptions(n_inputs=2, batch_sizes=(1, 2), quiet=True)).artifact)
+    episodes = named_episodes(root / "eps", count=5, seed=9, size=40)
+    result = _cli("bundle", "--artifact", artifact, "-o", root / "bundle", "--episodes", episodes)
+    assert result.exit_code == 0, result.output
+    return {"root": root, "checkpoint": ckpt, "artifact": artifact, "episodes": episodes, "bundle": root / "bundle"}
+
+
+def test_processor_bundle_self_test_holds_the_episodes_frames_by_name(chunked_bundle, tmp_path):
+    import torch
+
+    from tests.plugin_arch import CHUNK_ACTION_MEAN, CHUNK_ACTION_STD, CHUNK_CAMS
+    from vla_export.checkpoint import load_checkpoint
+    from vla_export.data.episodes import load_episode
+    from vla_export.data.task import select_episodes
+    from vla_export.deploy.selftest import SELFTEST_ARRAYS, SelfTest
+    from vla_export.processors import Processor
+
+    test = SelfTest(chunked_bundle["bundle"])
+    assert test.uses_processor and set(test.observations) == {*CHUNK_CAMS, "observation.state"}
+    assert "validation split" in test.info["frames_from"] and "synthetic" not in test.info["frames_from"]
+    at = test.info["frames_at"]
+    assert len(at) == test.frames == test.ref_actions.shape[0] > 1
+    val = {p.stem for p in select_episodes(chunked_bundle["checkpoint"], chunked_bundle["episodes"], "val")}
+    assert {name for name, _ in at} <= val  # never a training frame
+    model, proc = load_checkpoint(chunked_bundle["checkpoint"]).model, Processor.load(chunked_bundle["checkpoint"])
+    for i, (name, t) in enumerate(at):
+        ep = load_episode(chunked_bundle["episodes"] / f"{name}.h5")
+        for key in (*CHUNK_CAMS, "observation.state"):
+            np.testing.assert_array_equal(test.observations[key][i], ep.observations[key][t])
+        # the reference by hand: preprocess -> fp32 model -> the chunk's first action, unnormalised
+        feeds = proc.preprocess({k: ep.observations[k][t:t + 1] for k in (*CHUNK_CAMS, "observation.state")})
+        with torch.no_grad():
+            chunk = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+        want = chunk[0, 0] * np.asarray(CHUNK_ACTION_STD) + np.asarray(CHUNK_ACTION_MEAN)
+        np.testing.assert_allclose(test.ref_actions[i], want, rtol=1e-5, atol=1e-5)
+
+    result = _cli("verify", chunked_bundle["bundle"], "--out", tmp_path / "v", "--iters", 2, "--rate-hz", 0.1)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((tmp_path / "v" / "verify.json").read_text())["results"]
+    assert row["end_to_end"]["frames"] == test.frames and row["end_to_end"]["metrics"]["mae"] < 1e-4
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(chunked_bundle["bundle"], tampered)
+    with np.load(tampered / SELFTEST_ARRAYS) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays[f"obs.{CHUNK_CAMS[0]}"][0, 0, 0] ^= 0xFF  # one pixel of one stored frame
+    np.savez_compressed(tampered / SELFTEST_ARRAYS, **arrays)
+    result = _cli("verify", tampered)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "selftest.npz does not match its sha256" in result.output
+
+
+def test_processor_bundle_refuses_episodes_without_its_observations(chunked_bundle, tmp_path):
+    from vla_export.data.episodes import synth_episodes
+
+    synth_episodes(tmp_path / "one_camera", count=2, seed=1, frames=3, image_size=32)  # the hybrid's layout
+    result = _cli("bundle", "--artifact", chunked_bundle["artifact"], "-o", tmp_path / "b", "--episodes",
+                  tmp_path / "one_camera")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output  # after the progress lines, one error line
+    assert "observation.images.top" in errors[0] and not (tmp_path / "b").exists()  # nothing half-made is left

@@ -9,9 +9,14 @@ itself. So `bundle` stores, hashed like every other file:
     PyTorch reference's outputs on them;
   - `obs.<key>`: M raw observations as the policy observes them (RGB uint8 frames per camera, state vectors), and
     `frame.ref_actions`: the first action the policy acts on for each, from a reset, computed through the bundle's
-    own pre/post-processing (so `Policy` end to end is checked, processing included);
+    own pre/post-processing (so `Policy` end to end is checked, processing included; for an action chunk that is
+    the chunk's first action, the rule validate's task MAE uses). With `--episodes` the observations are real
+    frames of the checkpoint's validation split: the hybrid's one camera + instruction, or every key a processor
+    declares (cameras, `observation.state`, task text), read by name from named HDF5 episodes or a LeRobot v3
+    dataset; without, seeded synthetic ones of the schema;
 - `selftest.json`: the observation schema and texts (instructions), the budgets (the validate gate table), where
-  the observations came from, and the machine and versions that computed the reference.
+  the observations came from (`frames_from`, and `frames_at`: [episode, frame] of each real one), and the machine
+  and versions that computed the reference.
 
 `run_parity` and `run_end_to_end` judge an opened runner / `Policy` against it; `verify` (deploy/verify.py) and
 `Policy.load` (its quick part: the first `QUICK_FEEDS` inputs and `QUICK_FRAMES` frames) call them.
@@ -41,25 +46,55 @@ HYBRID_SCHEMA = {IMAGE_KEY: {"type": "image"}, TEXT_KEY: {"type": "text"}}
 
 
 # -- building (at bundle time, where the checkpoint is) ----------------------------------------------------------------
-def _frames_from_episodes(ckpt_dir: Path, episodes_dir: Path, m: int) -> tuple[np.ndarray, list[str], str]:
-    """M frames spread over the checkpoint's validation episodes (never its training frames)."""
+def _validation_picks(ckpt_dir: Path, episodes_dir: Path, m: int) -> tuple[list, list[tuple[int, int]]]:
+    """The checkpoint's validation episodes (never its training frames) and M (episode, frame) picks spread over
+    them, so the self-test sees starts, middles and ends of several episodes rather than one stretch."""
     from vla_export.data.episodes import load_episode
     from vla_export.data.task import select_episodes
 
-    paths = select_episodes(ckpt_dir, episodes_dir, "val")
-    episodes = [load_episode(p) for p in paths]
+    episodes = [load_episode(p) for p in select_episodes(ckpt_dir, episodes_dir, "val")]
     picks = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep))]
     idx = np.linspace(0, len(picks) - 1, num=min(m, len(picks))).round().astype(int)
-    images = np.stack([episodes[picks[i][0]].images[picks[i][1]] for i in idx])
-    instructions = [episodes[picks[i][0]].instruction for i in idx]
-    return images, instructions, f"validation split of {episodes_dir.resolve()}"
+    return episodes, [picks[i] for i in idx]
+
+
+def _frames_from_episodes(ckpt_dir: Path, episodes_dir: Path, m: int
+                          ) -> tuple[np.ndarray, list[str], list[list], str]:
+    """The hybrid's M frames (its one camera) and instructions from the validation episodes."""
+    episodes, picks = _validation_picks(ckpt_dir, episodes_dir, m)
+    images = np.stack([episodes[e].images[t] for e, t in picks])
+    instructions = [episodes[e].instruction for e, _ in picks]
+    at = [[episodes[e].name, int(t)] for e, t in picks]
+    return images, instructions, at, f"validation split of {episodes_dir.resolve()}"
+
+
+def _processor_observations(ckpt_dir: Path, stage: Path, schema: dict[str, dict[str, Any]], episodes_dir: Path,
+                            m: int) -> tuple[dict[str, Any], list[list], str]:
+    """M raw observations of a processor bundle, each key the processor declares read BY NAME from the validation
+    episodes (HDF5 named episodes or a LeRobot v3 dataset), through the same `EpisodeFeeder.observation` that
+    validate's task MAE uses, so the self-test judges the cameras and state a robot would publish, not noise.
+    Episodes that lack a declared observation are refused (one UserError line), not padded with synthetic data."""
+    from vla_export.data.task import EpisodeFeeder
+
+    feeder = EpisodeFeeder(stage)  # the stage's processor.json: what the robot will load
+    episodes, picks = _validation_picks(ckpt_dir, episodes_dir, m)
+    parts = [feeder.observation(episodes[e], [t]) for e, t in picks]
+    missing = sorted(set(schema) - set(parts[0]))
+    if missing:
+        raise UserError(f"the processor observes {missing}, which the self-test cannot take from episodes; "
+                        f"bundle without --episodes (synthetic observations) or use a processor of cameras, "
+                        f"state and task text")
+    obs = {k: ([s for p in parts for s in p[k]] if schema[k]["type"] == "text"
+               else np.concatenate([np.asarray(p[k]) for p in parts])) for k in schema}
+    at = [[episodes[e].name, int(t)] for e, t in picks]
+    return obs, at, f"validation split of {episodes_dir.resolve()} (observations by name)"
 
 
 def _synthetic_observations(schema: dict[str, dict[str, Any]], m: int, seed: int, instruction: str
                             ) -> dict[str, Any]:
-    """Seeded observations of a processor's schema when no episodes fit it: RGB uint8 frames at the schema's size
-    (64x64 when it names none), standard-normal state vectors, the default instruction. They check preprocessing +
-    artifact + postprocessing end to end, not task skill."""
+    """Seeded observations of a processor's schema when no episodes are given: RGB uint8 frames at the schema's
+    size (64x64 when it names none), standard-normal state vectors, the default instruction. They check
+    preprocessing + artifact + postprocessing end to end, not task skill."""
     rng = np.random.default_rng(seed)
     obs: dict[str, Any] = {}
     for key, info in schema.items():
@@ -74,18 +109,19 @@ def _synthetic_observations(schema: dict[str, dict[str, Any]], m: int, seed: int
     return obs
 
 
-def _observations(ckpt_dir: Path, config: dict[str, Any], schema: dict[str, dict[str, Any]],
-                  episodes: Path | None, m: int, seed: int) -> tuple[dict[str, Any], str]:
-    """The M raw observations of the self-test, keyed as the policy observes them (`schema`)."""
-    images = [k for k, v in schema.items() if v["type"] == "image"]
-    texts = [k for k, v in schema.items() if v["type"] == "text"]
-    if episodes is not None and len(images) == 1 and len(schema) == len(images) + len(texts):
-        frames, instructions, origin = _frames_from_episodes(ckpt_dir, episodes, m)  # episodes: one camera + text
-        return {images[0]: frames, **{k: instructions for k in texts}}, origin
+def _observations(ckpt_dir: Path, stage: Path, config: dict[str, Any], schema: dict[str, dict[str, Any]],
+                  processor: bool, episodes: Path | None, m: int, seed: int
+                  ) -> tuple[dict[str, Any], list[list] | None, str]:
+    """The M raw observations of the self-test, keyed as the policy observes them (`schema`), the (episode, frame)
+    each came from (None when synthetic), and a line saying where they came from."""
+    if episodes is not None and processor:
+        return _processor_observations(ckpt_dir, stage, schema, episodes, m)
+    if episodes is not None:
+        frames, instructions, at, origin = _frames_from_episodes(ckpt_dir, episodes, m)
+        return {IMAGE_KEY: frames, TEXT_KEY: instructions}, at, origin
     instruction = str((config.get("preprocessing") or {}).get("default_instruction") or "")
-    why = "" if episodes is None else f" ({episodes} holds one camera and an instruction; this policy observes more)"
-    return (_synthetic_observations(schema, m, seed, instruction),
-            f"synthetic observations (seed {seed}){why}; pass --episodes for real frames")
+    return (_synthetic_observations(schema, m, seed, instruction), None,
+            f"synthetic observations (seed {seed}); pass --episodes for real frames")
 
 
 def build_selftest(ckpt_dir: Path, config: dict[str, Any], stage: Path, budgets: dict[str, Any], *,
@@ -107,7 +143,8 @@ def build_selftest(ckpt_dir: Path, config: dict[str, Any], stage: Path, budgets:
     feeds |= {k: v for k, v in spec.initial_state(feeds_n).items() if k not in feeds}
     processor = Processor.load(stage) if has_processor(stage) else None
     schema = processor.observation if processor is not None else HYBRID_SCHEMA
-    obs, origin = _observations(ckpt_dir, config, schema, Path(episodes) if episodes else None, frames_n, seed)
+    obs, at, origin = _observations(ckpt_dir, stage, config, schema, processor is not None,
+                                    Path(episodes) if episodes else None, frames_n, seed)
     m = len(next(iter(obs.values())))
     with TorchRunner(ckpt.model, spec, name="pytorch-fp32-reference") as ref:
         ref_out = ref.infer(feeds)
@@ -135,6 +172,9 @@ def build_selftest(ckpt_dir: Path, config: dict[str, Any], stage: Path, budgets:
     info = {
         "format_version": SELFTEST_FORMAT_VERSION,
         "feeds": feeds_n, "frames": m, "frames_from": origin,
+        # [episode name, frame index] of each observation, so anyone can check the stored frames against the data
+        # (absent for synthetic ones); older readers ignore it, the format version stays
+        **({"frames_at": at} if at is not None else {}),
         "observation": {"processor": processor is not None, "schema": schema,
                         "texts": {k: list(v) for k, v in obs.items() if schema[k]["type"] == "text"}},
         "quick": {"feeds": min(QUICK_FEEDS, feeds_n), "frames": min(QUICK_FRAMES, m)},
