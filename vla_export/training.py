@@ -70,6 +70,10 @@ class TrainSettings:
     warmup_steps: int = 40
     mirror: bool = True  # left-right mirror augmentation where valid (`mirror_signs`)
     val_every: int = 3  # epochs between validation passes recorded in `history` (0: only the final one)
+    # The spatial heads (`SpatialPool`) learn where the named cup is from near-uniform attention, whose coordinate
+    # gradients are small: their own, larger rate (the skip path to the actions keeps the base rate). Measured with
+    # the skip path (docs/benchmarks.md, issue 13); without that path, even 10x did not make seed 1's linear_y learn.
+    spatial_lr_scale: float = 3.0
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -224,13 +228,15 @@ def _is_lstm(model_config: dict[str, Any]) -> bool:
 
 def _sequence_actions(model, feeds: dict[str, torch.Tensor], batch: int, steps: int) -> torch.Tensor:
     """LSTM head over [batch*steps] frames laid out batch-major (b0t0, b0t1, ...): features batched, state carried."""
-    fused = model.features(**feeds).view(batch, steps, -1)
+    fused, where = model.encode(**feeds)
+    fused = fused.view(batch, steps, -1)
+    where = where.view(batch, steps, -1) if where is not None else None
     h = fused.new_zeros(batch, model.cfg["head_dim"])
     c = fused.new_zeros(batch, model.cfg["head_dim"])
     outs = []
     for t in range(steps):
         h, c = model.temporal(fused[:, t], (h, c))
-        outs.append(model.head_actions(h))
+        outs.append(model.head_actions(h, where[:, t] if where is not None else None))
     return torch.stack(outs, dim=1).reshape(batch * steps, -1)
 
 
@@ -242,13 +248,15 @@ def predict_frames(model, data: FrameSet, model_config: dict[str, Any], batch_si
         preds = []
         for e, ep in enumerate(data.episodes):
             pairs = np.array([(e, t) for t in range(len(ep))], dtype=np.int64)
-            fused = torch.cat([model.features(**data.feeds(pairs[i:i + batch_size]))
-                               for i in range(0, len(pairs), batch_size)])
+            encoded = [model.encode(**data.feeds(pairs[i:i + batch_size]))
+                       for i in range(0, len(pairs), batch_size)]
+            fused = torch.cat([f for f, _ in encoded])
+            where = torch.cat([w for _, w in encoded]) if encoded[0][1] is not None else None
             h = fused.new_zeros(1, model.cfg["head_dim"])
             c = fused.new_zeros(1, model.cfg["head_dim"])
             for t in range(len(ep)):
                 h, c = model.temporal(fused[t:t + 1], (h, c))
-                preds.append(model.head_actions(h).numpy())
+                preds.append(model.head_actions(h, where[t:t + 1] if where is not None else None).numpy())
         return np.concatenate(preds)
     out = []
     for i in range(0, len(data), batch_size):
@@ -294,6 +302,16 @@ class WeightAverage:
 
     def copy_to_model(self) -> None:
         self.model.load_state_dict(self.shadow, strict=False)
+
+
+def _param_groups(model, settings: TrainSettings) -> list[dict[str, Any]]:
+    """AdamW groups with an `lr_scale` each: the spatial branch at `settings.spatial_lr_scale`, the rest at 1."""
+    spatial = [p for n, p in model.named_parameters() if n.startswith("spatial.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("spatial.")]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if spatial:
+        groups.append({"params": spatial, "lr_scale": settings.spatial_lr_scale})
+    return groups
 
 
 def train_policy(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str | os.PathLike,
@@ -354,7 +372,7 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
     epochs = settings.epochs or DEFAULT_EPOCHS
     total_steps = epochs * steps_per_epoch
     budget = settings.time_budget_s
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(model, settings), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = np.random.default_rng(settings.seed)
     warmup = min(settings.warmup_steps, max(1, total_steps // 5))
     step, epoch, losses = 0, 0, []
@@ -403,8 +421,9 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
                 # gradients (plain L1 gives sign-only gradients and stalled at the mean in our runs)
                 loss = torch.nn.functional.smooth_l1_loss((pred - train.targets(pairs, mirror, signs)) / scale,
                                                           torch.zeros_like(pred), beta=1.0)
+                lr_now = lr_at(step, time.perf_counter() - t_train)
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, time.perf_counter() - t_train)
+                    g["lr"] = lr_now * g["lr_scale"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -466,6 +485,7 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
         "window": settings.window if lstm else None,
         "sequences": settings.sequences if lstm else None,
         "lr": settings.lr,
+        "spatial_lr_scale": settings.spatial_lr_scale,
         "warmup_steps": warmup,
         "weight_decay": settings.weight_decay,
         "ema_decay": settings.ema_decay,

@@ -58,6 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "head_dim": 64,
         # The demo model: pooled tokens lose where the cup is left-right, which linear_y follows (docs/benchmarks.md)
         "spatial_heads": 4,
+        "spatial_skip": True,
     },
     # CPU benchmarks: tens of millions of parameters, same shape of computation as `full`.
     "small": {
@@ -104,6 +105,11 @@ DEFAULTS: dict[str, Any] = {
     # Instruction-queried attention over the Kosmos-2 vision patch grid, pooling each head's patch coordinates and
     # values into the fused features (`SpatialPool`); 0: the original layout (pooled tokens only).
     "spatial_heads": 0,
+    # A linear path from the spatial heads' attended (x, y) straight to the standardised actions, beside the fused
+    # features' MLP. Through the MLP alone the coordinates reached linear_y only as the schedule annealed, and in
+    # one seed of three not within the demo's steps; with this path every seed's linear_y learned from the second
+    # epoch on (docs/benchmarks.md, issue 13). False: no such path (and the layout of checkpoints made before it).
+    "spatial_skip": False,
     # Buffers `action_mean`/`action_std`: the head predicts standardised actions, de-normalised inside the model,
     # so every exported graph outputs physical units. False: the original layout (no buffers).
     "action_norm": True,
@@ -178,9 +184,12 @@ class SpatialPool(nn.Module):
         coords = torch.stack([axis.repeat(grid), axis.repeat_interleave(grid)], dim=-1)  # [grid*grid, 2]
         self.register_buffer("coords", coords, persistent=False)  # derived from the config, not a weight
 
-    def forward(self, patches: torch.Tensor, pixel_values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, pixel_values: torch.Tensor,
+                query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled features [B, out_dim] and every head's attended (x, y), flattened [B, heads * 2]."""
         where, what = self.locate(patches, pixel_values, query)
-        return self.out(torch.cat([where, what], dim=-1).reshape(patches.shape[0], -1))
+        b = patches.shape[0]
+        return self.out(torch.cat([where, what], dim=-1).reshape(b, -1)), where.reshape(b, -1)
 
     def locate(self, patches: torch.Tensor, pixel_values: torch.Tensor,
                query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +217,8 @@ def legacy_overrides(state_keys, overrides: dict | None = None) -> dict:
     out = dict(overrides or {})
     if not any(k.startswith("spatial.") for k in keys):
         out.setdefault("spatial_heads", 0)
+    if not any(k.startswith("spatial_skip.") for k in keys):
+        out.setdefault("spatial_skip", False)
     if "action_mean" not in keys and "action_std" not in keys:
         out.setdefault("action_norm", False)
     return out
@@ -242,6 +253,9 @@ class Kosmos2ClipPolicy(nn.Module):
             grid = int(vision.image_size) // int(vision.patch_size)
             self.spatial = SpatialPool(vision.hidden_size, kt.embed_dim + self.clip.config.projection_dim, grid,
                                        int(cfg["spatial_heads"]), cfg["fusion_dim"], int(vision.patch_size))
+        self.spatial_skip = None
+        if self.spatial is not None and cfg.get("spatial_skip"):
+            self.spatial_skip = nn.Linear(int(cfg["spatial_heads"]) * 2, cfg["action_dim"])
         if cfg.get("action_norm", False):
             # set from the training data (`set_action_normalization`); identity until then
             self.register_buffer("action_mean", torch.zeros(cfg["action_dim"]))
@@ -258,9 +272,12 @@ class Kosmos2ClipPolicy(nn.Module):
         self.action_mean.copy_(torch.as_tensor(mean, dtype=self.action_mean.dtype))
         self.action_std.copy_(torch.as_tensor(std, dtype=self.action_std.dtype))
 
-    def head_actions(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The action head in physical units: standardised prediction x std + mean (identity without buffers)."""
+    def head_actions(self, hidden: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """The action head in physical units: standardised prediction x std + mean (identity without buffers).
+        `where`: the frame's attended coordinates from `encode`, for the spatial skip path."""
         out = self.action_head(hidden)
+        if self.spatial_skip is not None:
+            out = out + self.spatial_skip(where)
         if self.action_mean is not None:
             out = out * self.action_std.to(out.dtype) + self.action_mean.to(out.dtype)
         return out
@@ -291,30 +308,34 @@ class Kosmos2ClipPolicy(nn.Module):
             return pooled, self.kosmos.vision_model.model.post_layernorm(vision.last_hidden_state[:, 1:])
         return pooled
 
-    def features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
-                 clip_attention_mask):
+    def encode(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
+               clip_attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per frame: the fused features for the temporal head, and the spatial heads' attended coordinates
+        [B, heads * 2] (None without spatial heads), which `head_actions` takes for the skip path."""
         k, patches = self.kosmos_features(pixel_values, input_ids, attention_mask, image_embeds_position_mask,
                                           return_patches=True)
         c_text = self.clip.text_model(input_ids=clip_input_ids, attention_mask=clip_attention_mask).pooler_output
         c_text = self.clip.text_projection(c_text)
         c_image = self.clip.visual_projection(self.clip.vision_model(pixel_values=pixel_values).pooler_output)
         fused = self.fusion(torch.cat([k, c_text, c_image], dim=-1))
+        where = None
         if self.spatial is not None:
+            pooled, where = self.spatial(patches, pixel_values, torch.cat([k, c_text], dim=-1))
             # added, not concatenated: the original layout's tensors keep their shapes
-            fused = fused + self.spatial(patches, pixel_values, torch.cat([k, c_text], dim=-1))
-        return fused
+            fused = fused + pooled
+        return fused, where
 
     def forward(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
                 clip_attention_mask, h=None, c=None):
-        fused = self.features(pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
-                              clip_attention_mask)
+        fused, where = self.encode(pixel_values, input_ids, attention_mask, image_embeds_position_mask,
+                                   clip_input_ids, clip_attention_mask)
         if self.cfg["head"] == "lstm":
             if h is None:
                 h = fused.new_zeros(fused.shape[0], self.cfg["head_dim"])
                 c = fused.new_zeros(fused.shape[0], self.cfg["head_dim"])
             h_out, c_out = self.temporal(fused, (h, c))
-            return self.head_actions(h_out), h_out, c_out
-        return self.head_actions(self.temporal(fused))
+            return self.head_actions(h_out, where), h_out, c_out
+        return self.head_actions(self.temporal(fused), where)
 
 
 def kosmos_seq_len(cfg: dict[str, Any]) -> int:
