@@ -90,9 +90,9 @@ def resolve_target_cpu(name: str | None) -> Int8Target:
 def host_note(target: Int8Target, host_int8_kernels: str) -> str:
     """One line on whether the gate that judges the artifact here sees the numbers its target CPU will compute."""
     if target.reduce_range:
-        return f"gated on a {host_int8_kernels} host; 7-bit weights compute the same on every CPU"
+        return f"gated on a host with {host_int8_kernels} int8 kernels; 7-bit weights compute the same on every CPU"
     if host_int8_kernels == "avx2":
         return (f"gated on an AVX2-only host, whose U8S8 kernel saturates full-range weights: the {target.name} "
                 "target will compute better numbers than this gate measured")
-    return (f"gated on a {host_int8_kernels} host; full-range weights are exact here and on {target.name} CPUs, "
+    return (f"gated on a host with {host_int8_kernels} int8 kernels; full-range weights are exact here and on {target.name} CPUs, "
             "but saturate on x86 without VNNI")
