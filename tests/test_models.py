@@ -197,9 +197,9 @@ def test_spatial_branch_reads_where_the_patches_are():
 
 
 def _legacy_state(model) -> dict:
-    """The original scripts' layout: no spatial branch, no normalisation buffers."""
+    """The original scripts' layout: no spatial branch (nor its skip path), no normalisation buffers."""
     return {k: v for k, v in model.state_dict().items()
-            if not k.startswith("spatial.") and k not in ("action_mean", "action_std")}
+            if not k.startswith(("spatial.", "spatial_skip.")) and k not in ("action_mean", "action_std")}
 
 
 def test_original_layout_pth_loads_with_identity_normalization(tmp_path):
