@@ -240,3 +240,29 @@ def test_native_checkpoint_written_before_the_new_layout_loads(tmp_path):
     assert "spatial_heads" not in json.loads((out / "config.json").read_text())["model_config"]
     loaded = load_checkpoint(out)
     assert loaded.model.spatial is None and loaded.model.action_mean is None
+
+
+def test_demo_checkpoint_made_before_the_skip_path_loads_as_it_was(tmp_path):
+    """A demo checkpoint of the previous recipe (spatial heads, no `spatial_skip` key or tensors): native directory
+    and .pth both build it without the skip path and give its outputs exactly."""
+    import json
+
+    from vla_export.checkpoint import load_checkpoint, make_config, save_checkpoint
+
+    config = make_config(ARCH, "tiny", {"spatial_skip": False})
+    torch.manual_seed(0)
+    model, spec = build_model(ARCH, config["model_config"])
+    assert model.spatial is not None and model.spatial_skip is None
+    del config["model_config"]["spatial_skip"]
+    out = save_checkpoint(model, tmp_path / "before", config)
+    assert "spatial_skip" not in json.loads((out / "config.json").read_text())["model_config"]
+    path = tmp_path / "before.pth"
+    torch.save({"epoch": 1, "model_state_dict": model.state_dict()}, path)
+    f = _torch_feeds(spec, batch=2, seed=5)
+    for loaded in (load_checkpoint(out), load_checkpoint(path, preset="tiny")):
+        assert loaded.model.spatial is not None and loaded.model.spatial_skip is None
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(**f), model(**f), rtol=0, atol=0)
+    # the current demo preset has the path
+    demo, _ = build_model(ARCH, kosmos2_clip.resolve_config("tiny"))
+    assert demo.spatial_skip is not None
