@@ -71,8 +71,9 @@ class TrainSettings:
     mirror: bool = True  # left-right mirror augmentation where valid (`mirror_signs`)
     val_every: int = 3  # epochs between validation passes recorded in `history` (0: only the final one)
     # The spatial heads (`SpatialPool`) learn where the named cup is from near-uniform attention, whose coordinate
-    # gradients are small: their own, larger rate (the skip path to the actions keeps the base rate). Measured with
-    # the skip path (docs/benchmarks.md, issue 13); without that path, even 10x did not make seed 1's linear_y learn.
+    # gradients are small: they and their skip path to the actions get their own, larger rate. With the skip path at
+    # the base rate seed 1's linear_y ended at 0.61 of baseline, with it in this group at 0.49; without the skip path
+    # even 10x did not make seed 1's linear_y learn (docs/benchmarks.md, issue 13).
     spatial_lr_scale: float = 3.0
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -304,10 +305,14 @@ class WeightAverage:
         self.model.load_state_dict(self.shadow, strict=False)
 
 
+SPATIAL_PARAMS = ("spatial.", "spatial_skip.")
+
+
 def _param_groups(model, settings: TrainSettings) -> list[dict[str, Any]]:
-    """AdamW groups with an `lr_scale` each: the spatial branch at `settings.spatial_lr_scale`, the rest at 1."""
-    spatial = [p for n, p in model.named_parameters() if n.startswith("spatial.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("spatial.")]
+    """AdamW groups with an `lr_scale` each: the spatial heads and their skip path at `settings.spatial_lr_scale`,
+    the rest at 1."""
+    spatial = [p for n, p in model.named_parameters() if n.startswith(SPATIAL_PARAMS)]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(SPATIAL_PARAMS)]
     groups = [{"params": rest, "lr_scale": 1.0}]
     if spatial:
         groups.append({"params": spatial, "lr_scale": settings.spatial_lr_scale})
