@@ -18,6 +18,7 @@ from torch import nn
 
 from vla_export.errors import UserError
 from vla_export.io_spec import Dim, IOSpec, TensorSpec
+from vla_export.lerobot.features import policy_features, random_observation
 from vla_export.models import Architecture
 
 ARCH_NAME = "lerobot-act"
@@ -25,24 +26,9 @@ STATE_KEY, ACTION_KEY, IMAGES_PREFIX = "observation.state", "action", "observati
 MAX_BATCH = 8
 
 
-def _features(lr: dict[str, Any]) -> tuple[list[str], tuple[int, ...], int | None, int]:
-    """(camera keys, image shape CHW, state width or None, action width) from a LeRobot config dict."""
-    inputs = lr.get("input_features") or {}
-    cams = [k for k, f in inputs.items() if f["type"] == "VISUAL"]
-    if not cams:
-        raise UserError("this ACT config has no camera (VISUAL) input; vla-export exports ACT with images")
-    shapes = {tuple(inputs[k]["shape"]) for k in cams}
-    if len(shapes) > 1:
-        raise UserError(f"ACT cameras must share one shape, got {sorted(shapes)}")
-    if "observation.environment_state" in inputs:
-        raise UserError("ACT with observation.environment_state is not supported by the export yet")
-    state = inputs.get(STATE_KEY)
-    if state is None:
-        raise UserError("this ACT config has no observation.state input; LeRobot's ACT needs it at inference")
-    action = (lr.get("output_features") or {}).get(ACTION_KEY)
-    if action is None:
-        raise UserError("this ACT config has no 'action' output feature")
-    return cams, shapes.pop(), int(state["shape"][0]), int(action["shape"][0])
+def _features(lr: dict[str, Any]) -> tuple[list[str], tuple[int, ...], int, int]:
+    """(camera keys, image shape CHW, state width, action width) from a LeRobot ACT config dict."""
+    return policy_features(lr, "ACT")
 
 
 def resolve_config(preset: str | None, overrides: dict | None) -> dict[str, Any]:
@@ -114,11 +100,7 @@ def chunk_step(cfg: dict[str, Any]):
 
 def example_observation(cfg: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     """A random camera frame per camera (uint8 HxWx3) and a state vector: what a robot gives `Policy.act`."""
-    cams, (_, h, w), state_dim, _ = _features(cfg["lerobot"])
-    rng = np.random.default_rng(seed)
-    obs = {k: rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for k in cams}
-    obs[STATE_KEY] = rng.standard_normal(state_dim).astype(np.float32)
-    return obs
+    return random_observation(cfg["lerobot"], "ACT", seed)
 
 
 ARCHITECTURE = Architecture(name=ARCH_NAME, build=build, resolve_config=resolve_config, spec=io_spec)

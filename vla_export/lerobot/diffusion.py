@@ -28,6 +28,7 @@ from torch import nn
 
 from vla_export.errors import UserError
 from vla_export.io_spec import Dim, IOSpec, TensorSpec
+from vla_export.lerobot.features import policy_features, random_observation
 from vla_export.models import Architecture
 
 ARCH_NAME = "lerobot-diffusion"
@@ -37,24 +38,8 @@ MAX_BATCH = 8
 
 
 def _features(lr: dict[str, Any]) -> tuple[list[str], tuple[int, ...], int, int]:
-    """(camera keys, image shape CHW, state width, action width) from a LeRobot Diffusion config dict."""
-    inputs = lr.get("input_features") or {}
-    if "observation.environment_state" in inputs:
-        raise UserError("Diffusion Policy with observation.environment_state is not supported by the export yet")
-    cams = [k for k, f in inputs.items() if f["type"] == "VISUAL"]
-    if not cams:
-        raise UserError("this Diffusion Policy config has no camera (VISUAL) input; vla-export exports it with images")
-    shapes = {tuple(inputs[k]["shape"]) for k in cams}
-    if len(shapes) > 1:
-        raise UserError(f"Diffusion Policy cameras must share one shape, got {sorted(shapes)}")
-    state = inputs.get(STATE_KEY)
-    if state is None:
-        raise UserError("this Diffusion Policy config has no observation.state input; LeRobot's Diffusion Policy "
-                        "needs it")
-    action = (lr.get("output_features") or {}).get(ACTION_KEY)
-    if action is None:
-        raise UserError("this Diffusion Policy config has no 'action' output feature")
-    return cams, shapes.pop(), int(state["shape"][0]), int(action["shape"][0])
+    """(camera keys, image shape CHW, state width, action width) from a LeRobot Diffusion Policy config dict."""
+    return policy_features(lr, "Diffusion Policy")
 
 
 def sampler_settings(lr: dict[str, Any]) -> dict[str, Any]:
@@ -173,11 +158,7 @@ def noise_step(processor):
 
 def example_observation(cfg: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     """A random camera frame per camera (uint8 HxWx3) and a state vector: what a robot gives `Policy.act`."""
-    cams, (_, h, w), state_dim, _ = _features(cfg["lerobot"])
-    rng = np.random.default_rng(seed)
-    obs = {k: rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for k in cams}
-    obs[STATE_KEY] = rng.standard_normal(state_dim).astype(np.float32)
-    return obs
+    return random_observation(cfg["lerobot"], "Diffusion Policy", seed)
 
 
 ARCHITECTURE = Architecture(name=ARCH_NAME, build=build, resolve_config=resolve_config, spec=io_spec)
