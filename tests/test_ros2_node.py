@@ -205,6 +205,17 @@ class Harness(NodeHarness):
         return found[0]
 
 
+def stop_process_and_listener(proc, executor, node, ctx) -> None:
+    """Tear-down of the tests that run the node as its own process: kill it if it is still running, then the
+    listening node and its context."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+    executor.shutdown(timeout_sec=2.0)
+    node.destroy_node()
+    rclpy.try_shutdown(context=ctx)
+
+
 def wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -375,12 +386,7 @@ def test_entry_point_publishes_zero_twist_on_shutdown(bundle, frames):
             executor.spin_once(timeout_sec=0.05)
         assert not np.any(received[-1] != 0)  # nothing moved the robot after the stop
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
+        stop_process_and_listener(proc, executor, node, ctx)
 
 
 def test_image_decoding_rejects_malformed_messages():
@@ -711,12 +717,7 @@ def test_cli_output_options_reach_the_node(arm_bundle):
         assert "on 'arm/trajectory' (fail-safe hold, time_from_start 0.25 s)" in out, out
         assert "shutdown: holding: republished the last good JointTrajectory" in out, out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
+        stop_process_and_listener(proc, executor, node, ctx)
 
 
 def test_output_resolution_refuses_unsafe_combinations():
