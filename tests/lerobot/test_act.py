@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.lerobot.policies import random_observations, save_with_processors
+
 pytestmark = pytest.mark.lerobot
 
 torch = pytest.importorskip("torch")
@@ -28,7 +30,6 @@ def save_pretrained_act(out: Path, seed: int = 0, **overrides) -> Path:
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.act.configuration_act import ACTConfig
     from lerobot.policies.act.modeling_act import ACTPolicy
-    from lerobot.policies.factory import make_pre_post_processors
 
     cfg = ACTConfig(
         input_features={"observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,)),
@@ -43,20 +44,11 @@ def save_pretrained_act(out: Path, seed: int = 0, **overrides) -> Path:
     stats = {"observation.state": {"mean": torch.randn(STATE_DIM, generator=g),
                                    "std": torch.rand(STATE_DIM, generator=g) + 0.5},
              "action": {"mean": torch.randn(ACTION_DIM, generator=g), "std": torch.rand(ACTION_DIM, generator=g) + 0.5}}
-    for k in CAMS:
-        stats[k] = {"mean": torch.rand(3, 1, 1, generator=g) * 0.5 + 0.25,
-                    "std": torch.rand(3, 1, 1, generator=g) * 0.2 + 0.1}
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    policy.save_pretrained(out)
-    pre.save_pretrained(out)
-    post.save_pretrained(out)
-    return out
+    return save_with_processors(policy, cfg, stats, CAMS, g, out)
 
 
 def observations(n: int, seed: int = 3) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{**{k: rng.integers(0, 256, (IMAGE[1], IMAGE[2], 3), dtype=np.uint8) for k in CAMS},
-             "observation.state": rng.standard_normal(STATE_DIM).astype(np.float32)} for _ in range(n)]
+    return random_observations(n, CAMS, IMAGE, STATE_DIM, seed)
 
 
 def lerobot_actions(pretrained: Path, obs: list[dict[str, np.ndarray]]) -> np.ndarray:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.lerobot.policies import random_observations, save_with_processors
+
 pytestmark = pytest.mark.lerobot
 
 torch = pytest.importorskip("torch")
@@ -34,7 +36,6 @@ def save_pretrained_diffusion(out: Path, seed: int = 0, **overrides) -> Path:
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
-    from lerobot.policies.factory import make_pre_post_processors
 
     settings = dict(n_obs_steps=N_OBS, horizon=HORIZON, n_action_steps=N_ACTION, crop_shape=(40, 40),
                     down_dims=(8, 16), kernel_size=3, n_groups=4, diffusion_step_embed_dim=8,
@@ -52,20 +53,11 @@ def save_pretrained_diffusion(out: Path, seed: int = 0, **overrides) -> Path:
     low_s, low_a = torch.randn(STATE_DIM, generator=g), torch.randn(ACTION_DIM, generator=g)
     stats = {"observation.state": {"min": low_s, "max": low_s + torch.rand(STATE_DIM, generator=g) + 0.5},
              "action": {"min": low_a, "max": low_a + torch.rand(ACTION_DIM, generator=g) + 0.5}}
-    for k in CAMS:
-        stats[k] = {"mean": torch.rand(3, 1, 1, generator=g) * 0.5 + 0.25,
-                    "std": torch.rand(3, 1, 1, generator=g) * 0.2 + 0.1}
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    policy.save_pretrained(out)
-    pre.save_pretrained(out)
-    post.save_pretrained(out)
-    return out
+    return save_with_processors(policy, cfg, stats, CAMS, g, out)
 
 
 def observations(n: int, seed: int = 3) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{**{k: rng.integers(0, 256, (IMAGE[1], IMAGE[2], 3), dtype=np.uint8) for k in CAMS},
-             "observation.state": rng.standard_normal(STATE_DIM).astype(np.float32)} for _ in range(n)]
+    return random_observations(n, CAMS, IMAGE, STATE_DIM, seed)
 
 
 def model_call_noise(n_steps: int, seed: int = 11) -> dict[int, np.ndarray]:

@@ -1,0 +1,32 @@
+"""What the LeRobot policy tests share: saving a policy with its processors the way LeRobot does, and observations
+as a robot gives them to `Policy.act`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def save_with_processors(policy, cfg, stats: dict, cams: tuple[str, ...], generator, out: Path) -> Path:
+    """`policy` + LeRobot's pre/post-processors (with `stats` plus random per-camera MEAN_STD stats) saved by LeRobot's
+    own save_pretrained into `out`: config.json, model.safetensors, processor JSON and safetensors."""
+    import torch
+    from lerobot.policies.factory import make_pre_post_processors
+
+    for k in cams:
+        stats[k] = {"mean": torch.rand(3, 1, 1, generator=generator) * 0.5 + 0.25,
+                    "std": torch.rand(3, 1, 1, generator=generator) * 0.2 + 0.1}
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    policy.save_pretrained(out)
+    pre.save_pretrained(out)
+    post.save_pretrained(out)
+    return out
+
+
+def random_observations(n: int, cams: tuple[str, ...], image_chw: tuple[int, int, int], state_dim: int,
+                        seed: int = 3) -> list[dict[str, np.ndarray]]:
+    """`n` observations: a uint8 HxWx3 frame per camera and a float32 state vector."""
+    rng = np.random.default_rng(seed)
+    return [{**{k: rng.integers(0, 256, (image_chw[1], image_chw[2], 3), dtype=np.uint8) for k in cams},
+             "observation.state": rng.standard_normal(state_dim).astype(np.float32)} for _ in range(n)]
