@@ -104,3 +104,16 @@ def test_episodes_synth_and_info_commands(tmp_path):
     res = _run("episodes", "info", str(tmp_path), "--json")
     info = json.loads(res.output)
     assert info["episodes"] == 3 and info["frames"] == 12 and info["image_sizes"] == ["32x32"]
+
+
+def test_phase_log_records_each_command_with_its_exit_code(tmp_path, monkeypatch):
+    # scripts/time_demo.py times `make demo`'s phases from these records
+    log = tmp_path / "phases.jsonl"
+    monkeypatch.setenv("VLA_EXPORT_PHASE_LOG", str(log))
+    assert _run("episodes", "synth", "-o", str(tmp_path / "e"), "--count", "1", "--frames", "2",
+                "--image-size", "16").exit_code == 0
+    assert CliRunner().invoke(main, ["checkpoint", "-o", str(tmp_path / "c")]).exit_code == 2
+    first, second = (json.loads(line) for line in log.read_text().splitlines())
+    assert first["argv"][:2] == ["episodes", "synth"] and first["exit"] == 0
+    assert second["command"] == "checkpoint" and second["exit"] == 2
+    assert first["start"] <= first["end"] and second["wall_s"] >= 0

@@ -6,12 +6,19 @@ Every command prints one line `error: ...` and exits non-zero on bad input (exit
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
+import time
 
 import click
 
 from vla_export import __version__
 from vla_export.errors import UserError
+
+# `scripts/time_demo.py` sets this: every command appends one JSON line (its name, process start and end, exit code),
+# so the phases of `make demo`, parallel ones included, are timed from outside the stages without changing them.
+PHASE_LOG_ENV = "VLA_EXPORT_PHASE_LOG"
 
 # Each module defines COMMANDS: a list of click commands. Order here is the order of `--help`: the pipeline.
 COMMAND_MODULES = [
@@ -32,11 +39,36 @@ class StageGroup(click.Group):
         return list(self.commands)
 
     def invoke(self, ctx):
+        log = os.environ.get(PHASE_LOG_ENV)
+        # the command line as click parsed it (read now: invoking the subcommand consumes it)
+        argv = [*(getattr(ctx, "_protected_args", None) or ctx.protected_args), *ctx.args]
+        code = 1  # an exception that is not a UserError
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            code = 0
+            return result
         except UserError as e:
             click.echo(f"error: {e}", err=True)
+            code = e.exit_code
             sys.exit(e.exit_code)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            raise
+        finally:
+            if log:
+                _log_phase(log, argv, code)
+
+
+def _log_phase(log_path: str, argv: list[str], code: int) -> None:
+    """Append {command, argv, start, end, wall_s, exit} to `log_path`. The start is the process's own start time, so
+    interpreter start-up and imports count as part of the phase."""
+    import psutil
+
+    start, end = psutil.Process().create_time(), time.time()
+    record = {"command": argv[0] if argv else "", "argv": argv, "start": round(start, 3), "end": round(end, 3),
+              "wall_s": round(end - start, 2), "exit": code}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 @click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
