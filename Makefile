@@ -17,21 +17,29 @@ VERIFY ?= verify
 # exit code of a stage whose backend this machine lacks (vla_export.errors.EXIT_UNAVAILABLE): reported as skipped
 SKIP := 4
 
-.PHONY: demo test test-lerobot install data checkpoint export quantize trt trt-api aoti validate profile report bundle verify lint clean help
+.PHONY: demo test test-lerobot core install data checkpoint export quantize trt trt-api aoti validate profile report bundle verify lint clean help
 .DEFAULT_GOAL := help
 
 help:
 	@sed -n '2,5p' Makefile
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The demo needs only the core packages; the tests add the dev, ROS 2 and Ray extras on top (a second stamp), so a
+# newcomer's `make demo` does not wait for packages it never imports.
+$(VENV)/.installed-core: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-core
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ros,ray]'
 	touch $@
 
+core: $(VENV)/.installed-core
+
 install: $(VENV)/.installed
 
-data: install
+data: core
 	@test -f $(EPISODES)/.complete || $(VLA) episodes synth -o $(EPISODES) --count 72 --seed 0
 
 # The demo checkpoint is trained once; a user checkpoint (CHECKPOINT=...) is used as given.
@@ -55,30 +63,30 @@ trt: quantize
 
 # No TensorRT here? Check the trt stage's code against TensorRT's real Python bindings of 8.6 .. 11.4 (names, enum
 # members, call signatures; the libraries are replaced by stubs, so nothing is built or run).
-trt-api: install
+trt-api: core
 	$(PY) scripts/check_trt_api.py --out $(ARTIFACTS)/trt_api.json
 
 aoti: checkpoint
 	$(VLA) aoti $(CHECKPOINT) -o $(ARTIFACTS) --device cpu --dtype fp32
 
-validate: install
+validate: core
 	$(VLA) validate $(ARTIFACTS) --episodes $(EPISODES)
 
-profile: install
+profile: core
 	$(VLA) profile $(ARTIFACTS)
 
-report: install
+report: core
 	$(VLA) report $(ARTIFACTS)
 
 # The dynamic INT8 ONNX is what the robot's CPU runs; the fp16 and static-QDQ ONNX travel beside it, because TensorRT
 # parses neither quantize_dynamic's ops nor (on 11.x) fp32 -> fp16 flags: `vla-export trt --bundle` on the target
 # builds its engines from them. The self-test set comes from the validation episodes.
-bundle: install
+bundle: core
 	$(VLA) bundle --artifact $(ARTIFACTS)/model.int8.onnx -o $(BUNDLE) --episodes $(EPISODES) \
 		--extra $(ARTIFACTS)/model.fp16.onnx --extra $(ARTIFACTS)/model.int8-static.onnx
 
 # The check a target runs: every artifact of the bundle against the reference outputs that travelled with it.
-verify: install
+verify: core
 	$(VLA) verify $(BUNDLE) --out $(VERIFY)
 
 # aoti needs only the checkpoint, so its compile (mostly one core) overlaps export -> quantize -> trt on the other.
