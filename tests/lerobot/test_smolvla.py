@@ -56,3 +56,170 @@ def save_pretrained_smolvla(out: Path, vlm: Path, seed: int = 0, **overrides) ->
              "action": {"mean": torch.randn(ACTION_DIM, generator=g),
                         "std": torch.rand(ACTION_DIM, generator=g) + 0.5}}
     return save_with_processors(policy, cfg, stats, CAMS, g, out)
+
+
+def observations(n: int, seed: int = 3, tasks: tuple[str, ...] = TASKS) -> list[dict]:
+    """`n` observations with a task each (it changes within the episode, as a per-frame task may)."""
+    obs = random_observations(n, CAMS, IMAGE, STATE_DIM, seed)
+    for i, o in enumerate(obs):
+        o["task"] = tasks[(i // 4) % len(tasks)]
+    return obs
+
+
+def model_call_noise(n_steps: int, seed: int = 11) -> dict[int, np.ndarray]:
+    """{control step: flow-matching noise [1, chunk, max_action_dim]} for every step at which the model runs."""
+    rng = np.random.default_rng(seed)
+    return {i: rng.standard_normal((1, CHUNK, MAX_DIM)).astype(np.float32) for i in range(0, n_steps, N_ACTION)}
+
+
+def lerobot_actions(lerobot_policy, obs: list[dict], noise: dict[int, np.ndarray]) -> np.ndarray:
+    """LeRobot's own loop from a new episode: preprocessor (newline + tokenizer + normalizer) ->
+    SmolVLAPolicy.select_action(batch, noise=...) -> postprocessor, frames as its datasets give them (float CHW in
+    [0, 1]); the noise is given at the steps at which the model runs."""
+    policy, pre, post = lerobot_policy
+    policy.reset()
+    out = []
+    for i, o in enumerate(obs):
+        batch = {k: torch.from_numpy(o[k]).permute(2, 0, 1).float() / 255.0 for k in CAMS}
+        batch["observation.state"] = torch.from_numpy(o["observation.state"])
+        batch["task"] = o["task"]
+        given = torch.from_numpy(noise[i]) if i in noise else None
+        with torch.no_grad():
+            out.append(post(policy.select_action(pre(batch), noise=given)).numpy()[0])
+    return np.stack(out)
+
+
+def policy_actions(policy, obs: list[dict], noise: dict[int, np.ndarray] | None) -> np.ndarray:
+    """Policy.act step by step from a new episode; `noise` (when given) is handed to the processor's noise step
+    before the steps at which the model runs, as LeRobot's select_action is given it."""
+    from vla_export.lerobot.smolvla import noise_step
+
+    policy.reset()
+    out = []
+    for i, o in enumerate(obs):
+        if noise is not None and i in noise:
+            assert not policy.processor.pending()  # the model runs at exactly these steps
+            noise_step(policy.processor).give(noise[i])
+        out.append(policy.act(o))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def smolvla_pipeline(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from tests.lerobot.smolvlm import write_tiny_smolvlm
+    from vla_export.cli import main
+    from vla_export.deploy.bundle import make_bundle
+    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("smolvla")
+    vlm = write_tiny_smolvlm(root / "smolvlm", image_size=IMAGE[1])
+    pretrained = save_pretrained_smolvla(root / "pretrained_model", vlm)
+    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o", str(root / "ckpt")])
+    assert result.exit_code == 0, result.output
+    start = time.perf_counter()
+    artifact = Path(export_checkpoint(root / "ckpt", root / "artifacts",
+                                      ExportOptions(n_inputs=2, batch_sizes=(1, 2), quiet=True)).artifact)
+    print(f"\nsmolvla export ({FLOW_STEPS} flow steps, parity gate included): {time.perf_counter() - start:.1f} s")
+    make_bundle(artifact, root / "bundle")
+    return {"root": root, "vlm": vlm, "pretrained": pretrained, "checkpoint": root / "ckpt", "artifact": artifact,
+            "bundle": root / "bundle"}
+
+
+@pytest.fixture(scope="module")
+def lerobot_policy(smolvla_pipeline):
+    """LeRobot's SmolVLAPolicy and its processors, loaded from the pretrained_model folder by LeRobot."""
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    policy = SmolVLAPolicy.from_pretrained(smolvla_pipeline["pretrained"]).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(smolvla_pipeline["pretrained"]))
+    return policy, pre, post
+
+
+@pytest.fixture(scope="module")
+def bundle_policy(smolvla_pipeline):
+    from vla_export.deploy import Policy
+
+    with Policy.load(smolvla_pipeline["bundle"], backend="onnxruntime") as policy:
+        yield policy
+
+
+def test_checkpoint_holds_config_weights_tokenizer_and_processor_as_data(smolvla_pipeline):
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from vla_export.checkpoint import load_checkpoint
+
+    ckpt = smolvla_pipeline["checkpoint"]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"config.json", "model.safetensors", "processor.json", "processor.safetensors", "tokenizer.json"} <= names
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architecture"] == "lerobot-smolvla"
+    assert config["model_config"]["sampler"] == {"type": "flow_matching_euler", "steps": FLOW_STEPS}
+    proc = json.loads((ckpt / "processor.json").read_text())
+    assert [s["name"] for s in proc["preprocessor"]] == ["image", "tokenize", "normalize", "stack", "noise", "rename"]
+    tok_cfg = proc["preprocessor"][1]["config"]
+    assert (tok_cfg["max_length"], tok_cfg["suffix"], tok_cfg["padding_side"]) == (N_TOK, "\n", "right")
+    assert proc["preprocessor"][4]["config"]["shape"] == [CHUNK, MAX_DIM]
+    assert [s["name"] for s in proc["postprocessor"]] == ["action_chunk", "unnormalize"]
+    assert proc["observation"]["task"] == {"type": "text"}
+    # the stored tokenizer is the VLM's: same ids as transformers' tokenizer, newline included
+    theirs_tok = AutoTokenizer.from_pretrained(smolvla_pipeline["vlm"])
+    ours_tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    for text in ("pick the cube\n", "stack the cups\n"):
+        assert ours_tok.encode(text).ids == theirs_tok(text)["input_ids"]
+    theirs = load_file(str(smolvla_pipeline["pretrained"] / "model.safetensors"))
+    ours = load_checkpoint(ckpt).model.state_dict()
+    assert set(theirs) == set(ours)
+    for k, v in theirs.items():
+        assert torch.equal(v, ours[k]), k
+
+
+def test_exported_graph_takes_fixed_prompt_and_noise_and_passed_its_gate(smolvla_pipeline):
+    manifest = json.loads(Path(str(smolvla_pipeline["artifact"]) + ".json").read_text())
+    spec = manifest["io_spec"]
+    shapes = {t["name"]: t["shape"] for t in spec["inputs"]}
+    assert shapes == {"observation_state": ["batch", STATE_DIM],
+                      "observation_images": ["batch", len(CAMS), 3, "height", "width"],
+                      "input_ids": ["batch", N_TOK], "attention_mask": ["batch", N_TOK],
+                      "noise": ["batch", CHUNK, MAX_DIM]}
+    assert [o["shape"] for o in spec["outputs"]] == [["batch", CHUNK, ACTION_DIM]]
+    assert manifest["status"] == "passed"
+
+
+def test_policy_act_matches_lerobot_select_action_given_the_same_noise(lerobot_policy, bundle_policy):
+    obs = observations(8)  # n_action_steps 3: the model runs at steps 0, 3, 6; the task changes at step 4
+    noise = model_call_noise(len(obs))
+    want = lerobot_actions(lerobot_policy, obs, noise)
+    got = policy_actions(bundle_policy, obs, noise)
+    assert got.shape == (8, ACTION_DIM)
+    print(f"\nPolicy.act vs LeRobot select_action, same noise: max abs {np.abs(got - want).max():.3g}")
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # a new episode (policy_actions resets): queue dropped, the same inputs give the same actions
+    np.testing.assert_allclose(policy_actions(bundle_policy, obs, noise), got, atol=1e-6, rtol=0)
+
+
+def test_the_task_changes_the_actions(lerobot_policy, bundle_policy):
+    """The prompt reaches the graph: other task text, other actions (LeRobot's and ours alike), so the equality
+    above is not blind to the tokenizer."""
+    obs = observations(1)
+    noise = model_call_noise(1)
+    other = [{**obs[0], "task": "open the drawer"}]
+    a, b = policy_actions(bundle_policy, obs, noise), policy_actions(bundle_policy, other, noise)
+    assert np.abs(a - b).max() > 1e-3
+    np.testing.assert_allclose(b, lerobot_actions(lerobot_policy, other, noise), atol=1e-4, rtol=0)
+
+
+def test_policy_draws_its_own_noise_from_a_seeded_generator(lerobot_policy, bundle_policy):
+    """Without given noise the processor draws it (numpy PCG64, seed 0, re-seeded on reset): the same draws given to
+    LeRobot give LeRobot's actions."""
+    obs = observations(5, seed=4)
+    rng = np.random.default_rng(0)
+    drawn = {i: rng.standard_normal((1, CHUNK, MAX_DIM), dtype=np.float32) for i in range(0, 5, N_ACTION)}
+    want = lerobot_actions(lerobot_policy, obs, drawn)
+    got = policy_actions(bundle_policy, obs, None)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
