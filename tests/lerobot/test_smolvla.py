@@ -223,3 +223,89 @@ def test_policy_draws_its_own_noise_from_a_seeded_generator(lerobot_policy, bund
     want = lerobot_actions(lerobot_policy, obs, drawn)
     got = policy_actions(bundle_policy, obs, None)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_bundle_runs_without_lerobot(smolvla_pipeline, bundle_policy):
+    """Policy.load + act in a fresh interpreter in which `import lerobot` (and transformers, which LeRobot's SmolVLA
+    loads its VLM and tokenizer with) fail: the robot needs neither; the tokenizer is the bundle's JSON file."""
+    root = smolvla_pipeline["root"]
+    obs = observations(5, seed=9)
+    want = policy_actions(bundle_policy, obs, None)
+    np.savez(root / "obs.npz", **{f"{i}|{k}": v for i, o in enumerate(obs) for k, v in o.items() if k != "task"})
+    (root / "tasks.json").write_text(json.dumps([o["task"] for o in obs]))
+    script = textwrap.dedent(f"""
+        import json, sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("lerobot", "transformers"):
+                    raise ImportError(name + " is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from vla_export.deploy import Policy
+        data = np.load({str(root / "obs.npz")!r})
+        tasks = json.load(open({str(root / "tasks.json")!r}))
+        obs = [{{k.split("|")[1]: data[k] for k in data.files if k.startswith(f"{{i}}|")}} for i in range(5)]
+        policy = Policy.load({str(smolvla_pipeline["bundle"])!r}, backend="onnxruntime")
+        np.save({str(root / "got.npy")!r}, np.stack([policy.act({{**o, "task": t}}) for o, t in zip(obs, tasks)]))
+        assert not any(m.split(".")[0] in ("lerobot", "transformers") for m in sys.modules)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[2], timeout=300)
+    np.testing.assert_allclose(np.load(root / "got.npy"), want, atol=1e-6, rtol=0)
+
+
+def lerobot_first_actions(pretrained: Path, root: Path, episodes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """LeRobot's own task actions: `LeRobotDataset[i]` items of `episodes` (task text included) -> preprocessor ->
+    predict_action_chunk(noise=...) -> the chunk's first action -> postprocessor; and the recorded actions. The noise
+    is the one vla-export's task data feeds: its processor's `noise` step from a fresh load (numpy PCG64, seed 0),
+    one draw of [frames, chunk, max_action_dim] per episode in split order."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from tests.lerobot.datasets import REPO_ID
+
+    policy = SmolVLAPolicy.from_pretrained(pretrained).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(pretrained))
+    dataset = LeRobotDataset(REPO_ID, root=root, video_backend="pyav")
+    frames = {e: [i for i in range(len(dataset)) if int(dataset.hf_dataset[i]["episode_index"]) == e]
+              for e in episodes}
+    rng = np.random.default_rng(0)
+    got, truth = [], []
+    for e in episodes:
+        noise = rng.standard_normal((len(frames[e]), CHUNK, MAX_DIM), dtype=np.float32)
+        for j, i in enumerate(frames[e]):
+            item = dataset[i]
+            with torch.no_grad():
+                batch = pre({k: item[k] for k in (*CAMS, "observation.state", "task")})
+                chunk = policy.predict_action_chunk(batch, noise=torch.from_numpy(noise[j:j + 1]))
+                got.append(post(chunk[:, 0]).numpy()[0])
+            truth.append(item["action"].numpy())
+    return np.stack(got), np.stack(truth)
+
+
+def test_validate_task_mae_on_held_out_lerobot_episodes(smolvla_pipeline, tmp_path):
+    """`validate --episodes DIR` on a LeRobot v3 dataset (written by LeRobot, video, two tasks, a task change within
+    episodes): the reference's task MAE is LeRobot's own SmolVLA on LeRobot's own dataset items, val split."""
+    from click.testing import CliRunner
+
+    from tests.lerobot.datasets import write_dataset
+    from vla_export.cli import main
+    from vla_export.data.task import select_episodes
+
+    data = write_dataset(tmp_path / "ds", cams=CAMS, image_hw=IMAGE[1:], state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                         lengths=(4, 3, 4, 3, 4), use_videos=True, tasks=TASKS)
+    val = [ref.index for ref in select_episodes(smolvla_pipeline["checkpoint"], data, "val")]
+    got, truth = lerobot_first_actions(smolvla_pipeline["pretrained"], data, val)
+    want = float(np.abs(got.astype(np.float64) - truth).mean())
+
+    out = tmp_path / "validation.json"
+    result = CliRunner().invoke(main, ["validate", str(smolvla_pipeline["artifact"].parent), "--episodes", str(data),
+                                       "-o", str(out), "--batch", "1,2"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["results"]
+    print(f"\nvalidate: task MAE {row['task']['mae']:.6g}, reference {row['task']['reference_mae']:.6g}, "
+          f"LeRobot {want:.6g} ({len(truth)} frames)")
+    assert row["task"]["reference_mae"] == pytest.approx(want, abs=1e-5)
+    assert row["task"]["mae"] == pytest.approx(want, abs=1e-4)  # ORT fp32: the same actions
+    assert len(row["task"]["per_episode_mae"]) == len(val)
+    smolvla_pipeline["dataset"] = data
