@@ -308,4 +308,52 @@ def test_validate_task_mae_on_held_out_lerobot_episodes(smolvla_pipeline, tmp_pa
     assert row["task"]["reference_mae"] == pytest.approx(want, abs=1e-5)
     assert row["task"]["mae"] == pytest.approx(want, abs=1e-4)  # ORT fp32: the same actions
     assert len(row["task"]["per_episode_mae"]) == len(val)
-    smolvla_pipeline["dataset"] = data
+
+    # dynamic INT8 on the same held-out frames (fp16 misses its parity budget: docs/lerobot.md says why)
+    result = CliRunner().invoke(main, ["quantize", str(smolvla_pipeline["artifact"]), "--mode", "dynamic",
+                                       "--episodes", str(data), "-o", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "q" / "model.int8.onnx.json").read_text())
+    assert manifest["status"] == "passed"
+    assert manifest["metrics"]["task"]["reference_mae"] == pytest.approx(want, abs=1e-5)
+
+
+def test_a_longest_padded_lerobot_prompt_gives_the_same_actions(lerobot_policy, bundle_policy):
+    """SmolVLA's default `pad_language_to` is "longest" (no padding for one prompt); the graph always takes the
+    prompt padded to tokenizer_max_length. Padded tokens are masked out of every attention and leave the position
+    ids alone, so LeRobot with "longest" padding gives the actions of the fixed-length graph."""
+    from lerobot.processor import TokenizerProcessorStep
+
+    policy, pre, post = lerobot_policy
+    (step,) = [s for s in pre.steps if isinstance(s, TokenizerProcessorStep)]
+    obs = observations(4)
+    noise = model_call_noise(len(obs))
+    step.padding = "longest"
+    try:
+        batch = {k: torch.from_numpy(obs[0][k]).permute(2, 0, 1).float() / 255.0 for k in CAMS}
+        batch.update({"observation.state": torch.from_numpy(obs[0]["observation.state"]), "task": obs[0]["task"]})
+        assert pre(batch)["observation.language.tokens"].shape[1] < N_TOK  # really unpadded
+        want = lerobot_actions(lerobot_policy, obs, noise)
+    finally:
+        step.padding = "max_length"
+    np.testing.assert_allclose(policy_actions(bundle_policy, obs, noise), want, atol=1e-4, rtol=0)
+
+
+def test_a_vlm_that_cannot_be_read_is_refused_in_one_line(smolvla_pipeline, tmp_path):
+    """vlm_model_name names SmolVLA's backbone (config, tokenizer): a folder that is not there -> exit 2, one line."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from vla_export.cli import main
+
+    moved = tmp_path / "pm"
+    shutil.copytree(smolvla_pipeline["pretrained"], moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["vlm_model_name"] = str(tmp_path / "no-such-vlm")
+    (moved / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(moved), "-o", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    assert "vlm_model_name" in result.output and "no-such-vlm" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()

@@ -3,7 +3,9 @@
 LeRobot 0.4 writes `policy_preprocessor.json` / `policy_postprocessor.json` (steps by `registry_name` with a plain
 `config`, and a `state_file` of tensors for steps that have them) beside the weights. The steps a policy needs at
 inference map one to one: `rename_observations_processor` -> `rename`, `normalizer_processor` -> `normalize`,
-`unnormalizer_processor` -> `unnormalize` (same modes, same stats, same eps). `to_batch_processor` and
+`unnormalizer_processor` -> `unnormalize` (same modes, same stats, same eps), for a policy with a prompt (SmolVLA)
+`tokenizer_processor` -> `tokenize` (its tokenizer saved as a `tokenizers` JSON file) with
+`smolvla_new_line_processor` as the step's "\\n" suffix. `to_batch_processor` and
 `device_processor` have no counterpart: the processor batches by itself and runs on numpy. Any other step is refused
 by name, so a policy is never exported with part of its preprocessing silently missing.
 """

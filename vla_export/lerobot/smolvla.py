@@ -72,7 +72,7 @@ def _vocab_size(lr: dict[str, Any]) -> int:
         return int(AutoConfig.from_pretrained(name).text_config.vocab_size)
     except Exception as e:  # OSError (no such model/folder, no hub), ValueError (not a VLM config)
         raise UserError(f"SmolVLA's vlm_model_name {name!r} cannot be read by transformers "
-                        f"({str(e).splitlines()[0][:160]}); it must be a local SmolVLM folder or a cached hub id")
+                        f"({str(e).splitlines()[0][:160]}); it must be a local SmolVLM folder or a cached hub id") from e
 
 
 def resolve_config(preset: str | None, overrides: dict | None) -> dict[str, Any]:
