@@ -158,7 +158,6 @@ class SmolVLASampler(nn.Module):
 
     def __init__(self, policy):
         super().__init__()
-        self.policy_config = policy.config
         self.model = policy.model
         self.prepare_images, self.prepare_state = policy.prepare_images, policy.prepare_state
         cams, (c, h, w), _, self.action_dim = _features(_config_dict(policy.config))
