@@ -105,6 +105,21 @@ def test_normalisation_matches_lerobot_arithmetic():
     np.testing.assert_allclose(norm({"action": x})["action"], [[-0.5, 0.75]], atol=1e-6)
 
 
+def test_tokenize_suffix_is_appended_only_where_missing():
+    """LeRobot's SmolVLA newline step appends "\\n" to a task that lacks it and leaves one ending with it alone: the
+    `tokenize` suffix does the same, so a task given with and without its newline tokenises alike."""
+    from tokenizers import Tokenizer
+
+    step = TokenizeStep("task", "plugin_tokenizer.json", max_length=12, suffix="!")
+    step.bind(DATA)
+    tok = Tokenizer.from_file(str(DATA / "plugin_tokenizer.json"))
+    out = step({"task": ["go left", "go left!"]})
+    np.testing.assert_array_equal(out["input_ids"][0], out["input_ids"][1])
+    want = tok.encode("go left!").ids
+    assert list(out["input_ids"][0][:len(want)]) == want and out["attention_mask"][0].sum() == len(want)
+    assert want != tok.encode("go left").ids  # the suffix is a token here, so the check above can fail
+
+
 def test_single_frame_and_batch_give_the_same_feeds():
     proc = _arm_processor()
     rng = np.random.default_rng(4)

@@ -9,7 +9,9 @@ translated into vla-export steps (`vla_export.processors`). LeRobot itself is im
 Architectures: `lerobot-act` (ACT: the action chunk [B, chunk, action_dim] is the output; chunk execution and
 temporal ensembling run in the processor's `action_chunk` step, as `ACTPolicy.select_action` does),
 `lerobot-diffusion` (Diffusion Policy: a fixed-step DDIM sampler with the initial noise as an input; the observation
-history of `n_obs_steps`, the noise and the action queue run in the processor).
+history of `n_obs_steps`, the noise and the action queue run in the processor), `lerobot-smolvla` (SmolVLA: a
+fixed-step flow-matching sampler with its noise as an input and the task prompt padded to a fixed length; the
+tokenizer travels as a `tokenizers` JSON file in the processor).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def build_lerobot_policy(config_json: dict[str, Any]):
 
 
 def architectures() -> dict[str, Any]:
-    from vla_export.lerobot import act, diffusion
+    from vla_export.lerobot import act, diffusion, smolvla
 
-    return {act.ARCH_NAME: act.ARCHITECTURE, diffusion.ARCH_NAME: diffusion.ARCHITECTURE}
+    return {act.ARCH_NAME: act.ARCHITECTURE, diffusion.ARCH_NAME: diffusion.ARCHITECTURE,
+            smolvla.ARCH_NAME: smolvla.ARCHITECTURE}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from vla_export.errors import UserError
 from vla_export.manifest import read_json
 
-POLICY_MODULES = {"act": "vla_export.lerobot.act", "diffusion": "vla_export.lerobot.diffusion"}
+POLICY_MODULES = {"act": "vla_export.lerobot.act", "diffusion": "vla_export.lerobot.diffusion",
+                  "smolvla": "vla_export.lerobot.smolvla"}
 
 
 def _arch_module(policy_type: str):
@@ -37,9 +39,7 @@ def import_lerobot(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     The weights are read with safetensors into the network LeRobot builds from the config (strict: every tensor,
     its shape, no NaN); the processors are translated into vla-export steps (`vla_export.lerobot.processor`)."""
-    from vla_export.checkpoint import load_safetensors_into, make_config, read_safetensors_header, save_checkpoint
     from vla_export.lerobot.processor import processor_from_lerobot
-    from vla_export.models import get_architecture
 
     src = Path(src)
     lr = read_lerobot_config(src)
@@ -47,9 +47,20 @@ def import_lerobot(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     weights = src / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{src} has no model.safetensors; a LeRobot pretrained_model folder holds the weights there")
-    processor = processor_from_lerobot(src, module.resolve_config(None, {"lerobot": lr}), module)
+    model_config = module.resolve_config(None, {"lerobot": lr})
+    # a step's files (SmolVLA's tokenizer JSON) are written here and copied into the checkpoint with the processor
+    with tempfile.TemporaryDirectory() as files_dir:
+        processor = processor_from_lerobot(src, model_config, module, Path(files_dir))
+        return _save(src, lr, module, model_config, processor, weights, out_dir)
+
+
+def _save(src: Path, lr: dict, module, model_config: dict, processor, weights: Path, out_dir) -> Path:
+    from vla_export.checkpoint import load_safetensors_into, make_config, read_safetensors_header, save_checkpoint
+    from vla_export.models import get_architecture
+
     action_dim = processor.action_dim
-    config = make_config(module.ARCH_NAME, None, {"lerobot": lr},
+    extra = {k: v for k, v in model_config.items() if k not in ("lerobot", "action_dim", "sampler")}
+    config = make_config(module.ARCH_NAME, None, {"lerobot": lr, **extra},
                          action_names=[f"action_{i}" for i in range(action_dim)],
                          action_units=[""] * action_dim, preprocessing={"processor": "processor.json"},
                          training={"imported_from": str(src.resolve()), "lerobot_type": lr["type"]})

@@ -3,7 +3,9 @@
 LeRobot 0.4 writes `policy_preprocessor.json` / `policy_postprocessor.json` (steps by `registry_name` with a plain
 `config`, and a `state_file` of tensors for steps that have them) beside the weights. The steps a policy needs at
 inference map one to one: `rename_observations_processor` -> `rename`, `normalizer_processor` -> `normalize`,
-`unnormalizer_processor` -> `unnormalize` (same modes, same stats, same eps). `to_batch_processor` and
+`unnormalizer_processor` -> `unnormalize` (same modes, same stats, same eps), for a policy with a prompt (SmolVLA)
+`tokenizer_processor` -> `tokenize` (its tokenizer saved as a `tokenizers` JSON file) with
+`smolvla_new_line_processor` as the step's "\\n" suffix. `to_batch_processor` and
 `device_processor` have no counterpart: the processor batches by itself and runs on numpy. Any other step is refused
 by name, so a policy is never exported with part of its preprocessing silently missing.
 """
@@ -72,9 +74,11 @@ def _norm_features(config: dict[str, Any], state: dict[str, Any], actions: bool)
     return features, stats
 
 
-def processor_from_lerobot(src: str | Path, model_config: dict[str, Any], arch_module):
+def processor_from_lerobot(src: str | Path, model_config: dict[str, Any], arch_module, files_dir: Path | None = None):
     """The vla-export processor of a LeRobot pretrained_model folder; `arch_module` adds the policy's own steps
-    (`processor_steps`: observation schema + steps before/after normalisation, `chunk_step`)."""
+    (`processor_steps`: observation schema + steps before/after normalisation, `chunk_step`) and, for a policy with
+    a task prompt, `tokenize_step`, which writes the tokenizer file into `files_dir` (the processor is bound to it,
+    so saving the processor copies that file)."""
     from vla_export.processors import NormalizeStep, Processor, RenameStep, UnnormalizeStep
     from vla_export.processors.core import FLOAT64_ARRAY_MSG
 
@@ -82,18 +86,26 @@ def processor_from_lerobot(src: str | Path, model_config: dict[str, Any], arch_m
     observation, before, after = arch_module.processor_steps(model_config)
     pre, post = [], []
     renames: dict[str, str] = {}
+    newline = False
+    text_steps = ["tokenizer_processor", "smolvla_new_line_processor"] if hasattr(arch_module, "tokenize_step") else []
     for reg, config, state in read_pipeline(src, PREPROCESSOR_JSON):
         if reg in NO_OP_STEPS:
             continue
-        if reg == "rename_observations_processor":
+        if reg == "smolvla_new_line_processor" and text_steps:
+            newline = True  # LeRobot appends "\n" to a task lacking it, before its tokenizer step
+        elif reg == "tokenizer_processor" and text_steps:
+            if files_dir is None:
+                raise UserError("a tokenizer step needs a directory for its tokenizer file")
+            pre.append(arch_module.tokenize_step(model_config, config, newline, files_dir))
+        elif reg == "rename_observations_processor":
             renames.update(config.get("rename_map") or {})
         elif reg == "normalizer_processor":
             features, stats = _norm_features(config, state, actions=False)
             pre.append(NormalizeStep.with_stats(features, stats, eps=config.get("eps", 1e-8)))
         else:
+            supported = ["rename_observations_processor", "normalizer_processor", *text_steps, *sorted(NO_OP_STEPS)]
             raise UserError(f"{src / PREPROCESSOR_JSON}: step {reg!r} is not supported by vla-export's LeRobot "
-                            f"import yet (supported: rename_observations_processor, normalizer_processor, "
-                            f"{', '.join(sorted(NO_OP_STEPS))})")
+                            f"import yet (supported: {', '.join(supported)})")
     for reg, config, state in read_pipeline(src, POSTPROCESSOR_JSON):
         if reg in NO_OP_STEPS:
             continue
@@ -116,4 +128,4 @@ def processor_from_lerobot(src: str | Path, model_config: dict[str, Any], arch_m
     # JointTrajectory needs the node's joint_names; a Float64MultiArray is the action vector in action order.
     output = {"kind": "joint", "msg_type": FLOAT64_ARRAY_MSG, "fail_safe": "hold"}
     return Processor(observation, steps, [chunk, *post], action_key="action",
-                     action_dim=int(model_config["action_dim"]), output=output)
+                     action_dim=int(model_config["action_dim"]), output=output, base_dir=files_dir)

@@ -177,7 +177,7 @@ class TokenizeStep(ProcessorStep):
 
     config: key (observation key, e.g. task), tokenizer (file beside processor.json), max_length, ids / mask (output
     names), pad_token (string; its id is looked up), padding_side (right | left), add_special_tokens, suffix (text
-    appended first, e.g. "\\n" as LeRobot's SmolVLA does)."""
+    appended first to a text that does not already end with it: "\\n" is LeRobot's SmolVLA newline step)."""
 
     def __init__(self, key: str, tokenizer: str, max_length: int, ids: str = "input_ids",
                  mask: str = "attention_mask", pad_token: str = "<pad>", padding_side: str = "right",
@@ -212,7 +212,8 @@ class TokenizeStep(ProcessorStep):
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         tok = self._tokenizer()
-        texts = [t + self.cfg["suffix"] for t in data[self.cfg["key"]]]
+        suffix = self.cfg["suffix"]
+        texts = [t if t.endswith(suffix) else t + suffix for t in data[self.cfg["key"]]]
         n = self.cfg["max_length"]
         ids = np.full((len(texts), n), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(texts), n), dtype=np.int64)
