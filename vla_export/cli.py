@@ -13,6 +13,8 @@ import click
 from vla_export import __version__
 from vla_export.errors import UserError
 
+ARGV_KEY = "vla_export.argv"
+
 # Each module defines COMMANDS: a list of click commands. Order here is the order of `--help`: the pipeline.
 COMMAND_MODULES = [
     "vla_export.data.commands",  # episodes, checkpoint
@@ -25,11 +27,26 @@ COMMAND_MODULES = [
 ]
 
 
+def command_line() -> str:
+    """The running command as one shell line: `vla-export` and the arguments it was given."""
+    import shlex
+
+    ctx = click.get_current_context(silent=True)
+    args = ctx.meta.get(ARGV_KEY) if ctx is not None else None
+    return "vla-export " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args is None else args))
+
+
 class StageGroup(click.Group):
     """Keeps commands in pipeline order and turns UserError into one line and an exit code."""
 
     def list_commands(self, ctx):
         return list(self.commands)
+
+    def parse_args(self, ctx, args):
+        # The arguments as given, for the commands that record how to reproduce their output (report.md): not
+        # sys.argv, which is another program's when vla-export runs inside Python (`main([...])`, CliRunner).
+        ctx.meta[ARGV_KEY] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
