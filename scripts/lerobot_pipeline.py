@@ -44,7 +44,7 @@ def fmt(x, spec: str = ".3g") -> str:
 def markdown(policy: str, run, rows: list[dict]) -> str:
     lines = [f"**{policy}** (Policy.act vs LeRobot select_action, fp32 bundle: max abs "
              f"{fmt(run.parity_policy_vs_lerobot)})", "",
-             "| artifact | quantize exit | gate | parity MAE | parity rel L2 | task MAE (reference) | task MAE rise "
+             "| artifact | exit (export/quantize) | gate | parity MAE | parity rel L2 | task MAE (reference) | task MAE rise "
              "| p50 ms | p99 ms | why it failed |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:

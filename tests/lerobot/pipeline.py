@@ -269,4 +269,13 @@ def summary_rows(run: PipelineRun) -> list[dict[str, Any]]:
                 b1 = p["batches"].get("1") or next(iter(p["batches"].values()), {})
                 row |= {"p50_ms": b1.get("p50_ms"), "p99_ms": b1.get("p99_ms"), "device": p.get("device")}
         rows.append(row)
+    # the PyTorch eager fp32 reference, timed in the same profile run (the rows above compare with it)
+    eager = [p for p in profile["rows"] if p.get("backend") == "torch" and p.get("status") == "ok"]
+    if eager:
+        b1 = eager[0]["batches"].get("1") or next(iter(eager[0]["batches"].values()), {})
+        ref = next((r["reference_task_mae"] for r in rows if r.get("reference_task_mae") is not None), None)
+        rows.append({"artifact": "pytorch-eager-fp32", "stage": "reference", "exit": None, "gate": "reference",
+                     "why": "", "validate": None, "parity_mae": 0.0, "parity_rel_l2": 0.0, "task_mae": ref,
+                     "reference_task_mae": ref, "task_rel_increase": 0.0, "validate_why": "",
+                     "p50_ms": b1.get("p50_ms"), "p99_ms": b1.get("p99_ms"), "device": eager[0].get("device")})
     return rows

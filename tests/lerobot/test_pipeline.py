@@ -143,8 +143,10 @@ def test_a_quantize_mode_that_misses_its_budget_exits_3_with_one_line(run, tmp_p
 
 def test_the_summary_table_names_every_mode_and_its_verdict(run):
     rows = summary_rows(run)
-    assert [r["artifact"] for r in rows] == ["model.onnx", *[QUANT_FILES[m] for m in QUANT_MODES]]
-    for r in rows:
+    assert [r["artifact"] for r in rows] == ["model.onnx", *[QUANT_FILES[m] for m in QUANT_MODES],
+                                             "pytorch-eager-fp32"]
+    assert rows[-1]["p50_ms"] > 0 and rows[-1]["gate"] == "reference"
+    for r in rows[:-1]:
         assert r["gate"] in ("passed", "failed") and r["parity_mae"] is not None and r["task_mae"] is not None, r
         assert (r["exit"] == 0) == (r["gate"] == "passed"), r
         print(f"{run.case.name} {r['artifact']}: gate {r['gate']} parity MAE {r['parity_mae']:.3g} task MAE "
