@@ -204,9 +204,12 @@ def held_out_observations(checkpoint: Path, dataset: Path) -> list[dict[str, np.
 
 
 def run_pipeline(case: Case, root: Path, *, profile_iters: int = 10, profile_warmup: int = 3,
-                 profile_batches: str = "1", threads: int = 1, isolate: bool = False) -> PipelineRun:
+                 profile_batches: str = "1", threads: int = 1, isolate: bool = False,
+                 full_range: bool = False) -> PipelineRun:
     """Every stage in order; a stage that crashes or refuses (exit 2/4) stops the chain, a failed gate (exit 3)
-    does not (the artifact is written and marked failed; the rest of the chain still runs)."""
+    does not (the artifact is written and marked failed; the rest of the chain still runs). `full_range`: INT8
+    dynamic and static again with `--target-cpu vnni` (the full 8-bit weight range, exact only on VNNI CPUs) into
+    artifacts/vnni, gated by quantize on this host; not validated, profiled or bundled."""
     from vla_export.deploy import Policy
 
     root.mkdir(parents=True, exist_ok=True)
@@ -227,6 +230,12 @@ def run_pipeline(case: Case, root: Path, *, profile_iters: int = 10, profile_war
         calib = ["--calib", data, "--calib-frames", "8"] if mode == "static" else []
         stage(f"quantize {mode}", ["quantize", arts / "model.onnx", "--mode", mode, *calib, "--episodes", data,
                                    "--parity-n", "4"], ok=(0, 3))
+    if full_range:
+        for mode in ("dynamic", "static"):
+            calib = ["--calib", data, "--calib-frames", "8"] if mode == "static" else []
+            stage(f"quantize {mode} vnni", ["quantize", arts / "model.onnx", "--mode", mode, "--target-cpu", "vnni",
+                                            *calib, "--episodes", data, "--parity-n", "4", "-o", arts / "vnni"],
+                  ok=(0, 3))
     stage("validate", ["validate", arts, "--episodes", data, "-n", "4", "--batch", "1,2"], ok=(0, 3))
     stage("profile", ["profile", arts, "--warmup", profile_warmup, "--iters", profile_iters, "--batch",
                       profile_batches, "--threads", threads, "--isolate" if isolate else "--in-process"])
@@ -269,6 +278,18 @@ def summary_rows(run: PipelineRun) -> list[dict[str, Any]]:
                 b1 = p["batches"].get("1") or next(iter(p["batches"].values()), {})
                 row |= {"p50_ms": b1.get("p50_ms"), "p99_ms": b1.get("p99_ms"), "device": p.get("device")}
         rows.append(row)
+    for mode in ("dynamic", "static"):  # full-range INT8 (run_pipeline(full_range=True)): the quantize gate's numbers
+        s = run.stages.get(f"quantize {mode} vnni")
+        path = run.artifacts / "vnni" / f"{QUANT_FILES[mode]}.json"
+        if s is None or not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        parity, task = m["metrics"].get("parity") or {}, m["metrics"].get("task") or {}
+        rows.append({"artifact": f"vnni/{QUANT_FILES[mode]}", "stage": s.name, "exit": s.exit_code,
+                     "gate": m.get("status"), "why": m.get("failure") or "", "validate": None,
+                     "parity_mae": parity.get("mae"), "parity_rel_l2": parity.get("rel_l2"),
+                     "task_mae": task.get("artifact_mae"), "reference_task_mae": task.get("reference_mae"),
+                     "task_rel_increase": task.get("rel_increase"), "validate_why": ""})
     # the PyTorch eager fp32 reference, timed in the same profile run (the rows above compare with it)
     eager = [p for p in profile["rows"] if p.get("backend") == "torch" and p.get("status") == "ok"]
     if eager:
