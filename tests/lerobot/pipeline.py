@@ -190,16 +190,19 @@ def write_case_dataset(case: Case, root: Path) -> Path:
                          action_dim=case.action_dim, lengths=case.lengths, use_videos=True)
 
 
-def held_out_observations(checkpoint: Path, dataset: Path) -> list[dict[str, np.ndarray]]:
-    """The validation split's frames as a robot gives them to Policy.act (uint8 HxWx3 per camera, the state), episode
-    after episode, from vla-export's own reader (equal to LeRobotDataset's items: tests/lerobot/test_dataset.py)."""
+def held_out_observations(checkpoint: Path, dataset: Path) -> list[dict[str, Any]]:
+    """The validation split's frames as a robot gives them to Policy.act, episode after episode: every key the
+    checkpoint's processor observes (uint8 HxWx3 per camera, the state, the task text when it reads one), read by
+    vla-export's own reader (equal to LeRobotDataset's items: tests/lerobot/test_dataset.py)."""
     from vla_export.data.episodes import load_episode
-    from vla_export.data.task import select_episodes
+    from vla_export.data.task import EpisodeFeeder, select_episodes
 
+    feeder = EpisodeFeeder(checkpoint)
     obs = []
     for ref in select_episodes(checkpoint, dataset, "val"):
         ep = load_episode(ref)
-        obs += [{k: ep.observations[k][t] for k in (*ep.camera_keys, "observation.state")} for t in range(len(ep))]
+        for t in range(len(ep)):
+            obs.append({k: v[0] for k, v in feeder.observation(ep, [t]).items()})  # one frame, no batch axis
     return obs
 
 

@@ -22,10 +22,8 @@ pytest.importorskip("lerobot", reason="needs LeRobot 0.4: scripts/lerobot_env.sh
 
 from tests.lerobot.pipeline import CASES, QUANT_FILES, QUANT_MODES, cli, run_pipeline, summary_rows  # noqa: E402
 
-POLICIES = ["act", "diffusion"]  # SmolVLA: add its CASES entry and its name here
 
-
-@pytest.fixture(scope="module", params=POLICIES)
+@pytest.fixture(scope="module", params=list(CASES))  # a policy is one entry of CASES (SmolVLA: one more)
 def run(request, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the CI machine is small and shared; latency numbers here are not the point
