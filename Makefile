@@ -17,7 +17,7 @@ VERIFY ?= verify
 # exit code of a stage whose backend this machine lacks (vla_export.errors.EXIT_UNAVAILABLE): reported as skipped
 SKIP := 4
 
-.PHONY: demo test test-lerobot core install data checkpoint export quantize trt trt-api aoti validate profile report bundle verify lint clean help
+.PHONY: demo test test-lerobot lerobot-pipeline core install data checkpoint export quantize trt trt-api aoti validate profile report bundle verify lint clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -101,6 +101,13 @@ test: install
 # libraries); bundles and Policy never need it.
 test-lerobot:
 	scripts/lerobot_env.sh
+
+# Every stage for each LeRobot policy (tiny ACT and Diffusion Policy, a LeRobot v3 dataset written by LeRobot) through
+# the CLI, and the table of which quantize modes pass their gates, with the numbers (docs/lerobot.md).
+LEROBOT_PIPELINE ?= artifacts/lerobot-pipeline
+lerobot-pipeline:
+	scripts/lerobot_env.sh --build
+	$${LEROBOT_VENV:-.venv-lerobot}/bin/python scripts/lerobot_pipeline.py --out $(LEROBOT_PIPELINE)
 
 lint: install
 	$(VENV)/bin/ruff check vla_export tests scripts

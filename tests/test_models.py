@@ -97,6 +97,22 @@ def test_index_placement_equals_kosmos2_boolean_scatter(tiny):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
+def test_image_embeddings_equal_kosmos2_model_own(tiny):
+    """The image embeddings the policy computes from Kosmos-2's submodules (`kosmos_image_features`: one code path
+    for transformers 4.x and 5.x, whose get_image_features return different things) equal the ones Kosmos2Model's
+    own forward places into the text (`image_embeds`, a field of its output in both)."""
+    model, spec = tiny
+    f = _torch_feeds(spec, batch=2, seed=4)
+    with torch.no_grad():
+        hidden, ours = model.kosmos_image_features(f["pixel_values"])
+        out = model.kosmos(pixel_values=f["pixel_values"], input_ids=f["input_ids"],
+                           attention_mask=f["attention_mask"],
+                           image_embeds_position_mask=f["image_embeds_position_mask"])
+    torch.testing.assert_close(ours, out.image_embeds, rtol=0, atol=1e-6)
+    assert hidden.shape[1] == model.kosmos.vision_model.config.image_size ** 2 // (
+        model.kosmos.vision_model.config.patch_size ** 2) + 1  # class token + the patch grid
+
+
 def test_lstm_state_changes_the_output():
     cfg = kosmos2_clip.resolve_config("tiny", {"head": "lstm"})
     model, spec = build_model(ARCH, cfg)

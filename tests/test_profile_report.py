@@ -105,6 +105,8 @@ def test_report_renders_cpu_only(tiny, profiled, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| rank | artifact | backend | device |" in md and "model.onnx" in md and "pytorch-eager-fp32" in md
     assert "## Machine" in md and "## Reproduce" in md and "vla-export profile" in md
+    # the command as vla-export was given it, not the argv of the program that called it (here pytest's)
+    assert f"vla-export validate {tiny.artifacts} -n 2 --batch 1\n" in md
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "report.json").read_text())
     rows = {r["artifact"]: r for r in report["rows"]}

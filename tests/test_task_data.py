@@ -131,3 +131,45 @@ def test_episodes_without_the_processors_observations_are_refused(chunked, tmp_p
             del f["observation.state"]
     with pytest.raises(UserError, match="has no observation.state"):
         load_task_data(chunked["checkpoint"], eps, split="all")
+
+
+def test_an_observation_history_gives_each_frame_its_own_episodes_past(chunked, tmp_path):
+    """A processor with an observation history (Diffusion Policy's n_obs_steps): each task frame is fed frames
+    t-n+1 .. t of its own episode, the first frame repeated before the start (LeRobot's queues on the robot, its
+    dataset's padding in training); episodes of different lengths in one split; a calibration frame alone gets its
+    history too. (Before: the batch of an episode's frames was one step of a history of copies, and the next
+    episode, of another length, was refused: "call reset() before changing the batch size".)"""
+    import shutil
+
+    from vla_export.data.task import calibration_frames, load_task_data
+    from vla_export.processors import Processor
+    from vla_export.processors.steps import NoiseStep, ObservationHistoryStep
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(chunked["checkpoint"], ckpt)
+    for f in ("processor.json", "processor.safetensors"):
+        (ckpt / f).unlink(missing_ok=True)
+    n = 3
+    Processor({"observation.state": {"type": "state", "shape": [CHUNK_STATE_DIM]}},
+              [ObservationHistoryStep(["observation.state"], n_obs_steps=n), NoiseStep("noise", shape=[2], seed=0)],
+              action_dim=CHUNK_ACTION_DIM).save(ckpt)
+    eps = tmp_path / "eps"
+    eps.mkdir()
+    lengths = (4, 6, 5)
+    for i, length in enumerate(lengths):
+        state = (100 * i + np.arange(length, dtype=np.float32))[:, None].repeat(CHUNK_STATE_DIM, axis=1)
+        write_episode(eps / f"episode_{i:04d}.h5", Episode(
+            f"episode_{i:04d}", None, np.zeros((length, CHUNK_ACTION_DIM), np.float32), "pick the cube",
+            observations={"observation.state": state}))
+    data = load_task_data(ckpt, eps, split="all")
+    history = data.feeds["observation.state"][:, :, 0]  # [frames, n]: each entry is 100 * episode + frame
+    want = np.concatenate([100 * i + np.maximum(np.arange(length)[:, None] - np.arange(n - 1, -1, -1), 0)
+                           for i, length in enumerate(lengths)])
+    np.testing.assert_array_equal(history, want)
+    # the sampler's noise: one draw per episode's frames, the same for every run
+    again = load_task_data(ckpt, eps, split="all")
+    np.testing.assert_array_equal(again.feeds["noise"], data.feeds["noise"])
+    for feeds in calibration_frames(ckpt, eps, n=4):
+        (row,) = feeds["observation.state"][:, :, 0]
+        assert row[-1] % 100 == 0 or list(np.diff(row)) in ([1, 1], [0, 1]), row  # consecutive, its episode's
+        assert len({int(v) // 100 for v in row}) == 1

@@ -16,6 +16,7 @@ import click
 from vla_export import __version__
 from vla_export.errors import UserError
 
+ARGV_KEY = "vla_export.argv"
 # `scripts/time_demo.py` sets this: every command appends one JSON line (its name, process start and end, exit code),
 # so the phases of `make demo`, parallel ones included, are timed from outside the stages without changing them.
 PHASE_LOG_ENV = "VLA_EXPORT_PHASE_LOG"
@@ -32,16 +33,30 @@ COMMAND_MODULES = [
 ]
 
 
+def command_line() -> str:
+    """The running command as one shell line: `vla-export` and the arguments it was given."""
+    import shlex
+
+    ctx = click.get_current_context(silent=True)
+    args = ctx.meta.get(ARGV_KEY) if ctx is not None else None
+    return "vla-export " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args is None else args))
+
+
 class StageGroup(click.Group):
     """Keeps commands in pipeline order and turns UserError into one line and an exit code."""
 
     def list_commands(self, ctx):
         return list(self.commands)
 
+    def parse_args(self, ctx, args):
+        # The arguments as given, for the commands that record how to reproduce their output (report.md): not
+        # sys.argv, which is another program's when vla-export runs inside Python (`main([...])`, CliRunner).
+        ctx.meta[ARGV_KEY] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         log = os.environ.get(PHASE_LOG_ENV)
-        # the command line as click parsed it (read now: invoking the subcommand consumes it)
-        argv = [*(getattr(ctx, "_protected_args", None) or ctx.protected_args), *ctx.args]
+        argv = ctx.meta.get(ARGV_KEY, [])
         code = 1  # an exception that is not a UserError
         try:
             result = super().invoke(ctx)

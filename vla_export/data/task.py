@@ -146,7 +146,22 @@ class EpisodeFeeder:
             texts = episode.tasks(index)
             # one shared instruction is tokenised once (the common case: an episode has one task)
             return self.preprocessor(episode.images[index], texts[0] if len(set(texts)) == 1 else texts)
-        return self.processor.preprocess(self.observation(episode, index))
+        proc = self.processor
+        frames = np.arange(len(episode))[index]
+        n = proc.history()
+        # Each frame is its own sample (a batch row), with the history it has when the policy runs through the
+        # episode from its start: frames t-n+1 .. t of its episode, the first frame repeated before the start (what
+        # LeRobot's queues hold on the robot and what its dataset gives with delta_timestamps, which pads with the
+        # episode's first frame). The older frames only reach the history (`observe`, as on a step answered from
+        # the action queue), so the steps after it (a diffusion policy's noise) run once, on the last call: a
+        # sample's noise is the processor's first draw after reset, [len(frames), ...] for the frames asked for.
+        proc.reset()
+        try:
+            for back in range(n - 1, 0, -1):
+                proc.observe(self.observation(episode, np.maximum(frames - back, 0)))
+            return proc.preprocess(self.observation(episode, frames))
+        finally:
+            proc.reset()
 
     def recorded_actions(self, episode: Episode, index) -> np.ndarray:
         if episode.actions.shape[1] < self.action_dim:

@@ -148,7 +148,13 @@ def release_weights(ir_model, tensors: list) -> int:
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
             released += storage.nbytes()
+        # A buffer made as a view keeps its base tensor alive, and with it the storage (transformers 4.x registers
+        # `position_ids = torch.arange(n).expand((1, -1))`: the (n,) arange owns the memory, referenced from C++
+        # only), so the base is emptied too; it shares this weight's storage, so nothing else owns it.
+        base = t._base
         t.data = t.new_empty(0)
+        if base is not None:
+            base.data = base.new_empty(0)
     return released
 
 

@@ -285,8 +285,7 @@ class Kosmos2ClipPolicy(nn.Module):
     # The Kosmos-2 text decoder with the image embeddings placed by index, not by a boolean-mask scatter.
     def kosmos_features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask,
                         return_patches: bool = False):
-        vision = self.kosmos.get_image_features(pixel_values, return_dict=True)
-        image_embeds = vision.pooler_output  # [B, Q, D]
+        patches_out, image_embeds = self.kosmos_image_features(pixel_values)  # [B, 1 + P, Dv], [B, Q, D]
         text = self.kosmos.text_model.model
         tokens = text.embed_tokens(input_ids)  # unscaled, as forward_embedding expects
         place = image_embeds_position_mask.to(torch.bool)
@@ -305,8 +304,24 @@ class Kosmos2ClipPolicy(nn.Module):
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         if return_patches:
             # the vision tower's patch grid (class token dropped), already computed for the image embeddings
-            return pooled, self.kosmos.vision_model.model.post_layernorm(vision.last_hidden_state[:, 1:])
+            return pooled, self.kosmos.vision_model.model.post_layernorm(patches_out[:, 1:])
         return pooled
+
+    def kosmos_image_features(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the vision tower's last hidden state [B, 1 + P, Dv], the projected image embeddings [B, Q, D]).
+
+        What `Kosmos2Model.get_image_features` computes, from the submodules it calls, because its return differs
+        between the transformers versions pyproject allows: 4.x returns the projected embeddings as a tensor (and
+        takes no `return_dict`), 5.x the vision output with the embeddings as `pooler_output`. The patch grid (the
+        vision tower's hidden state) is needed as well, which 4.x's does not return. The submodules and their
+        arithmetic are the same in 4.50 .. 5.x; the values are tested against `Kosmos2Model` itself
+        (tests/test_models.py), so a transformers that changes them fails there."""
+        vision = self.kosmos.vision_model(pixel_values=pixel_values, return_dict=True)
+        hidden = vision.last_hidden_state
+        # the whole last_hidden_state through post_layernorm, not just pooled_output, as get_image_features does
+        embeds = nn.functional.normalize(self.kosmos.vision_model.model.post_layernorm(hidden), dim=-1)
+        embeds = self.kosmos.image_to_text_projection(embeds)[0]  # (embeddings, projection attentions)
+        return hidden, embeds
 
     def encode(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
                clip_attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:

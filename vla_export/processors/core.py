@@ -174,6 +174,11 @@ class ProcessorStep:
     def pending(self) -> bool:
         return False
 
+    def history(self) -> int:
+        """How many consecutive observations (this one included) the step's output depends on: 1, or an
+        observation history's length. Task data feeds each frame with that many frames of its episode."""
+        return 1
+
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -293,6 +298,10 @@ class Processor:
             return
         for step in self.preprocessor[:last + 1]:
             data = step(data)
+
+    def history(self) -> int:
+        """Consecutive observations one model call depends on (the longest observation history; 1 without one)."""
+        return max((s.history() for s in self.preprocessor), default=1)
 
     def pending(self) -> bool:
         """True when the postprocessor can give the next action without a model call (a queued action chunk)."""

@@ -360,7 +360,10 @@ class ObservationHistoryStep(ProcessorStep):
         self.reset()
 
     def reset(self) -> None:
-        self.history: dict[str, list[np.ndarray]] = {}
+        self.held: dict[str, list[np.ndarray]] = {}
+
+    def history(self) -> int:
+        return self.cfg["n_obs_steps"]
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         data = dict(data)
@@ -370,12 +373,12 @@ class ObservationHistoryStep(ProcessorStep):
                 raise UserError(f"processor observation_history step: {key!r} not produced by the steps before it "
                                 f"(have {sorted(data)})")
             x = np.asarray(data[key])
-            held = self.history.get(key)
+            held = self.held.get(key)
             if held and held[-1].shape != x.shape:
                 raise UserError(f"observation_history: {key!r} holds frames of shape {held[-1].shape}, got "
                                 f"{x.shape}; call reset() before changing the batch size")
-            self.history[key] = [*held[1:], x] if held else [x] * n
-            data[key] = np.stack(self.history[key], axis=1)
+            self.held[key] = [*held[1:], x] if held else [x] * n
+            data[key] = np.stack(self.held[key], axis=1)
         return data
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 import click
 
 from vla_export.errors import UserError
@@ -21,7 +18,9 @@ def _console():
 
 
 def _command_line() -> str:
-    return "vla-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    from vla_export.cli import command_line
+
+    return command_line()
 
 
 def _int_list(text: str, option: str) -> list[int]:
