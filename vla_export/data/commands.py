@@ -152,8 +152,8 @@ def _parse_renames(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--clip-pretrained", type=click.Path(), default=None, help="Local HF CLIP directory (offline).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights, batches and the split.")
 @click.option("--time-budget", default=None, type=float,
-              help="Wall-time cap for training in seconds (default 165, for slow or loaded machines; ignored with "
-              "--epochs). The run length itself is a fixed number of epochs, so a seed gives the same result anywhere.")
+              help="Wall-time cap for training in seconds (default 900, a guard for very slow or loaded machines; "
+              "ignored with --epochs). The run length itself is a fixed number of epochs, not a time.")
 @click.option("--epochs", default=None, type=int, help="Epochs to train (default 9); given explicitly, no time cap applies.")
 @click.option("--lr", default=None, type=float, help="Peak learning rate (default from the training recipe).")
 @click.option("--batch-size", default=None, type=int, help="Frames per step (default 16).")
