@@ -19,23 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: vla_export and tests.lerobot
-
-
-def cpu_model() -> str:
-    """`model name` of /proc/cpuinfo (what `grep "model name" /proc/cpuinfo` shows), else platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt(x, spec: str = ".3g") -> str:
@@ -62,7 +50,7 @@ def main() -> int:
     import torch
 
     from tests.lerobot.pipeline import CASES, run_pipeline, summary_rows
-    from vla_export.manifest import machine_info
+    from vla_export.manifest import cpu_model, machine_info
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="working directory (datasets, checkpoints, artifacts)")
