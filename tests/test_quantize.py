@@ -452,8 +452,8 @@ def _time_embedding_graph(path: Path, source: str) -> Path:
         nodes.insert(0, helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(t, "t_value")))
     for i, node in enumerate(nodes):  # named as exporters name them (the converter names its Casts after them)
         node.name = f"node_{node.op_type.lower()}_{i}"
-    graph = helper.make_graph(nodes, "time_embedding", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], inits)
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 4]) for n in ("x", "y"))
+    graph = helper.make_graph(nodes, "time_embedding", [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
