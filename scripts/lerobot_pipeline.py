@@ -1,7 +1,7 @@
 """The whole vla-export chain for each LeRobot policy, and the table of what passed (docs/lerobot.md).
 
-Runs, for each policy (a tiny random-weight ACT / Diffusion Policy saved by LeRobot's own save_pretrained, on a
-local LeRobot v3 dataset written by LeRobot's own LeRobotDataset API): checkpoint --from-lerobot, export, quantize
+Runs, for each policy (a tiny random-weight ACT / Diffusion Policy / SmolVLA saved by LeRobot's own save_pretrained,
+on a local LeRobot v3 dataset written by LeRobot's own LeRobotDataset API): checkpoint --from-lerobot, export, quantize
 in each mode (dynamic, static calibrated on the dataset, fp16; and INT8 dynamic/static with the full 8-bit weight
 range, --target-cpu vnni, gated on this host), validate --episodes (held-out split, task MAE), profile, report,
 bundle, and Policy.act from the bundle vs LeRobot's select_action. The stages are the CLI's
@@ -10,7 +10,7 @@ bundle, and Policy.act from the bundle vs LeRobot's select_action. The stages ar
 JSON.
 
 Needs the LeRobot environment (scripts/lerobot_env.sh):
-    .venv-lerobot/bin/python scripts/lerobot_pipeline.py --out /tmp/lerobot-pipeline [--policies act,diffusion]
+    .venv-lerobot/bin/python scripts/lerobot_pipeline.py --out /tmp/lerobot-pipeline [--policies smolvla]
 Random weights and random recorded actions: the task MAE says the chain is wired to LeRobot's numbers, not that a
 policy is good; the gates compare each artifact with the fp32 reference on the same frames.
 """
@@ -54,7 +54,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="working directory (datasets, checkpoints, artifacts)")
-    ap.add_argument("--policies", default="act,diffusion", help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--policies", default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (export and profile)")
     ap.add_argument("--warmup", type=int, default=20, help="profile: untimed calls")
     ap.add_argument("--iters", type=int, default=100, help="profile: timed calls")

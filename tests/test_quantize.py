@@ -422,3 +422,83 @@ def test_relative_budget_fails_with_one_line_reason(setup, tmp_path):
 
 def test_bad_relative_budget_is_one_line(setup, tmp_path):
     _bad([setup["src"], "--mode", "dynamic", "--rtol-int8", "0", "-o", tmp_path], tmp_path, "--rtol-int8 must be > 0")
+
+
+def _time_embedding_graph(path: Path, source: str) -> Path:
+    """A flow-matching time embedding as LeRobot's SmolVLA exports it, on a small ONNX graph: the step's time t = 2/3
+    (an initializer, a Constant node, or a graph input fed 2/3) is expanded to the batch, unsqueezed, cast to float64 and multiplied by a
+    high frequency (2 pi / 4e-3 = 1571, the top of SmolVLA's sinusoidal range) before sin, then back to float.
+    t also has an fp16 reader of its own (x * t), which must keep working. fp16 rounds 2/3 to 0.66650 (1.6e-4 off),
+    which the frequency turns into ~0.26 rad."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    t = np.array(2 / 3, np.float32)
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"]),
+             helper.make_node("Slice", ["x_shape", "zero", "one"], ["batch"]),
+             helper.make_node("Expand", ["t", "batch"], ["t_b"]),
+             helper.make_node("Unsqueeze", ["t_b", "one"], ["t_b1"]),
+             helper.make_node("Cast", ["t_b1"], ["t64"], to=TensorProto.DOUBLE),
+             helper.make_node("Mul", ["t64", "freq"], ["phase"]),
+             helper.make_node("Sin", ["phase"], ["sin64"]),
+             helper.make_node("Cast", ["sin64"], ["emb"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "t"], ["xt"]),
+             helper.make_node("Add", ["xt", "emb"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([[2 * np.pi / 4e-3]], np.float64), "freq")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])]
+    if source == "initializer":
+        inits.append(numpy_helper.from_array(t, "t"))
+    elif source == "input":  # keep_io_types leaves it float32, but the converter casts it to fp16 for its readers
+        inputs.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, []))
+    else:
+        nodes.insert(0, helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(t, "t_value")))
+    for i, node in enumerate(nodes):  # named as exporters name them (the converter names its Casts after them)
+        node.name = f"node_{node.op_type.lower()}_{i}"
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
+    graph = helper.make_graph(nodes, "time_embedding", inputs, [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("source", ["initializer", "constant", "input"])
+def test_fp16_keeps_a_constant_that_the_graph_casts_to_double_exact(tmp_path, source):
+    """The value a Cast(to=DOUBLE) reads in the fp16 artifact is the source's float32 t, bit for bit (not its fp16
+    rounding), so the float64 sinusoid equals the fp32 graph's; the rest of the graph is fp16."""
+    import onnxruntime as ort
+    from onnx import TensorProto, numpy_helper
+
+    from vla_export.quantize.fp16 import convert_fp16
+
+    src = _time_embedding_graph(tmp_path / "model.onnx", source)
+    info = convert_fp16(src, tmp_path / "model.fp16.onnx")
+    assert info["double_cast_inputs_kept_fp32"] == 1
+    model = onnx.load(str(tmp_path / "model.fp16.onnx"))
+    onnx.checker.check_model(model)
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    (cast,) = [n for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.DOUBLE]
+    name = cast.input[0]
+    while name != "t" and name not in inits and producers[name].op_type != "Constant":  # back through Unsqueeze, Expand
+        assert producers[name].op_type in ("Unsqueeze", "Expand"), producers[name]
+        name = producers[name].input[0]
+    if source == "input":  # the caller's float32 value itself, not the converter's fp16 copy of it
+        assert name == "t" and graph.input[1].type.tensor_type.elem_type == TensorProto.FLOAT
+    else:
+        value = numpy_helper.to_array(inits[name] if name in inits else producers[name].attribute[0].t)
+        assert value.dtype == np.float32 and value == np.float32(2 / 3)
+    assert any(n.op_type == "Mul" and n.input[1] != "freq" for n in graph.node)  # x * t is still in the graph
+    assert any(i.data_type == TensorProto.FLOAT16 for i in graph.initializer) or source != "initializer"
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    if source == "input":
+        feeds["t"] = np.array(2 / 3, np.float32)
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / "model.fp16.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    # fp16 rounding of x * t and of the sum (|y| < ~3: half-ulp 1e-3) is all that is left; t in fp16 would move
+    # sin by up to 0.26
+    np.testing.assert_allclose(got, want, atol=4e-3, rtol=0)

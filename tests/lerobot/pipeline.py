@@ -40,6 +40,10 @@ class Case:
     state_dim: int
     action_dim: int
     lengths: tuple[int, ...] = (5, 4, 5, 4, 5)  # five episodes: the 0.2 validation split holds one
+    # quantize modes known to miss their gate for this policy -> the budget their one error line names; every mode
+    # not listed must pass (exit 0). A known failure is asserted, so a fix (or a new failure) shows up as a test
+    # failure rather than passing silently; docs/lerobot.md says why each one fails.
+    expected_gate_failures: dict[str, str] = field(default_factory=dict)
 
 
 def _act_both_act(pretrained: Path, policy, obs):
@@ -64,6 +68,23 @@ def _act_both_diffusion(pretrained: Path, policy, obs):
     lr_policy = DiffusionPolicy.from_pretrained(pretrained).eval()
     pre, post = make_pre_post_processors(lr_policy.config, pretrained_path=str(pretrained))
     return got, td.lerobot_actions((lr_policy, pre, post), obs, drawn)
+
+
+def _act_both_smolvla(pretrained: Path, policy, obs):
+    """Policy draws its own flow-matching noise (numpy PCG64, seed 0, one draw per model call, every n_action_steps
+    frames); LeRobot's select_action is given the same draws. The observations carry the task text."""
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from tests.lerobot import test_smolvla as ts
+
+    got = ts.policy_actions(policy, obs, None)
+    rng = np.random.default_rng(0)
+    drawn = {i: rng.standard_normal((1, ts.CHUNK, ts.MAX_DIM), dtype=np.float32)
+             for i in range(0, len(obs), ts.N_ACTION)}
+    lr_policy = SmolVLAPolicy.from_pretrained(pretrained).eval()
+    pre, post = make_pre_post_processors(lr_policy.config, pretrained_path=str(pretrained))
+    return got, ts.lerobot_actions((lr_policy, pre, post), obs, drawn)
 
 
 def _task_act(pretrained: Path, dataset: Path, episodes: set[int]):
@@ -112,6 +133,22 @@ def _task_diffusion(pretrained: Path, dataset: Path, episodes: set[int]):
     return np.stack(got), np.stack(truth)
 
 
+def _task_smolvla(pretrained: Path, dataset: Path, episodes: set[int]):
+    from tests.lerobot import test_smolvla
+
+    return test_smolvla.lerobot_first_actions(pretrained, dataset, sorted(episodes))
+
+
+def _save_smolvla(out: Path) -> Path:
+    """SmolVLA's config names its VLM by path (no hub here): the tiny local SmolVLM is written beside the folder,
+    where checkpoint/export read its config and tokenizer."""
+    from tests.lerobot import test_smolvla
+    from tests.lerobot.smolvlm import write_tiny_smolvlm
+
+    vlm = write_tiny_smolvlm(out.parent / "smolvlm", image_size=test_smolvla.IMAGE[1])
+    return test_smolvla.save_pretrained_smolvla(out, vlm)
+
+
 def _save_act(out: Path) -> Path:
     from tests.lerobot import test_act
 
@@ -130,6 +167,13 @@ CASES: dict[str, Case] = {
                 image_hw=(64, 64), state_dim=5, action_dim=4),
     "diffusion": Case("diffusion", _save_diffusion, _act_both_diffusion, _task_diffusion, cams=("observation.images.top",),
                       image_hw=(48, 48), state_dim=5, action_dim=4),
+    # the dataset's tasks ("pick the cube", "stack the cups", a change at each episode's last frame) are words of
+    # the tiny VLM's tokenizer corpus. Static INT8 calibrated on this dataset's 8 train frames misses its parity MAE
+    # budget (0.076 > 0.05, measured; docs/lerobot.md); fp16 passes since the fp16 stage keeps the flow time
+    # constants in fp32 where the graph upcasts them to float64 (it failed at MAE 0.0084 before).
+    "smolvla": Case("smolvla", _save_smolvla, _act_both_smolvla, _task_smolvla,
+                    cams=("observation.images.top", "observation.images.wrist"), image_hw=(32, 32), state_dim=5,
+                    action_dim=4, expected_gate_failures={"static": "parity MAE"}),
 }
 
 

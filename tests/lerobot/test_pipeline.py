@@ -57,6 +57,23 @@ def test_every_stage_runs_and_exits_as_documented(run):
     assert run.stages["validate"].exit_code == (3 if any(r["status"] == "failed" for r in rows) else 0)
 
 
+def test_each_quantize_mode_passes_or_fails_as_the_case_expects(run):
+    """Per policy, which modes pass is a fact to hold, not a free choice: a mode in the case's
+    `expected_gate_failures` exits 3 with one error line naming its artifact and the budget it missed (e.g. SmolVLA
+    fp16: the flow time constants, docs/lerobot.md); every other mode exits 0."""
+    expected = run.case.expected_gate_failures
+    assert set(expected) <= set(QUANT_MODES), expected
+    for mode in QUANT_MODES:
+        stage = run.stages[f"quantize {mode}"]
+        if mode in expected:
+            assert stage.exit_code == 3, f"{mode} was expected to miss its gate: {stage.output[-2000:]}"
+            (line,) = stage.error_lines
+            assert QUANT_FILES[mode] in line and expected[mode] in line, line
+            print(f"{run.case.name} {mode}: expected gate failure: {line}")
+        else:
+            assert stage.exit_code == 0, f"{mode}: {stage.output[-2000:]}"
+
+
 def test_manifests_chain_back_to_the_imported_checkpoint(run):
     from vla_export.checkpoint import checkpoint_sha256
 

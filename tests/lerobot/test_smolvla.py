@@ -309,7 +309,7 @@ def test_validate_task_mae_on_held_out_lerobot_episodes(smolvla_pipeline, tmp_pa
     assert row["task"]["mae"] == pytest.approx(want, abs=1e-4)  # ORT fp32: the same actions
     assert len(row["task"]["per_episode_mae"]) == len(val)
 
-    # dynamic INT8 on the same held-out frames (fp16 misses its parity budget: docs/lerobot.md says why)
+    # dynamic INT8 on the same held-out frames (every mode: tests/lerobot/test_pipeline.py)
     result = CliRunner().invoke(main, ["quantize", str(smolvla_pipeline["artifact"]), "--mode", "dynamic",
                                        "--episodes", str(data), "-o", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output
