@@ -30,3 +30,26 @@ def random_observations(n: int, cams: tuple[str, ...], image_chw: tuple[int, int
     rng = np.random.default_rng(seed)
     return [{**{k: rng.integers(0, 256, (image_chw[1], image_chw[2], 3), dtype=np.uint8) for k in cams},
              "observation.state": rng.standard_normal(state_dim).astype(np.float32)} for _ in range(n)]
+
+
+def load_with_processors(policy_cls, pretrained: Path):
+    """LeRobot's `policy_cls` and its pre/post-processors, loaded from a pretrained_model folder by LeRobot itself."""
+    from lerobot.policies.factory import make_pre_post_processors
+
+    policy = policy_cls.from_pretrained(pretrained).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(pretrained))
+    return policy, pre, post
+
+
+def assert_same_weights(pretrained: Path, checkpoint: Path) -> None:
+    """The native checkpoint holds LeRobot's weights, tensor for tensor (same names, exactly equal)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vla_export.checkpoint import load_checkpoint
+
+    theirs = load_file(str(pretrained / "model.safetensors"))
+    ours = load_checkpoint(checkpoint).model.state_dict()
+    assert set(theirs) == set(ours)
+    for k, v in theirs.items():
+        assert torch.equal(v, ours[k]), k

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.lerobot.policies import random_observations, save_with_processors
+from tests.lerobot.policies import assert_same_weights, random_observations, save_with_processors
 
 pytestmark = pytest.mark.lerobot
 
@@ -89,9 +89,7 @@ def act_pipeline(tmp_path_factory):
 
 
 def test_checkpoint_holds_config_weights_and_processor_as_data(act_pipeline):
-    from safetensors.torch import load_file
 
-    from vla_export.checkpoint import load_checkpoint
 
     ckpt = act_pipeline["checkpoint"]
     names = {p.name for p in ckpt.iterdir()}
@@ -104,11 +102,7 @@ def test_checkpoint_holds_config_weights_and_processor_as_data(act_pipeline):
     assert [s["name"] for s in proc["postprocessor"]] == ["action_chunk", "unnormalize"]
     assert proc["postprocessor"][0]["config"]["n_action_steps"] == 3
     # the weights are LeRobot's, tensor for tensor
-    theirs = load_file(str(act_pipeline["pretrained"] / "model.safetensors"))
-    ours = load_checkpoint(ckpt).model.state_dict()
-    assert set(theirs) == set(ours)
-    for k, v in theirs.items():
-        assert torch.equal(v, ours[k]), k
+    assert_same_weights(act_pipeline["pretrained"], ckpt)
 
 
 def test_checkpoint_declares_a_joint_output_that_holds_without_names(act_pipeline):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.lerobot.policies import random_observations, save_with_processors
+from tests.lerobot.policies import assert_same_weights, load_with_processors, random_observations, save_with_processors
 
 pytestmark = pytest.mark.lerobot
 
@@ -123,11 +123,8 @@ def diffusion_pipeline(tmp_path_factory):
 def lerobot_policy(diffusion_pipeline):
     """LeRobot's DiffusionPolicy and its processors, loaded from the pretrained_model folder by LeRobot."""
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
-    from lerobot.policies.factory import make_pre_post_processors
 
-    policy = DiffusionPolicy.from_pretrained(diffusion_pipeline["pretrained"]).eval()
-    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(diffusion_pipeline["pretrained"]))
-    return policy, pre, post
+    return load_with_processors(DiffusionPolicy, diffusion_pipeline["pretrained"])
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +136,7 @@ def bundle_policy(diffusion_pipeline):
 
 
 def test_checkpoint_holds_config_weights_and_processor_as_data(diffusion_pipeline):
-    from safetensors.torch import load_file
 
-    from vla_export.checkpoint import load_checkpoint
 
     ckpt = diffusion_pipeline["checkpoint"]
     names = {p.name for p in ckpt.iterdir()}
@@ -155,11 +150,7 @@ def test_checkpoint_holds_config_weights_and_processor_as_data(diffusion_pipelin
     assert proc["preprocessor"][3]["config"]["n_obs_steps"] == N_OBS
     assert proc["preprocessor"][4]["config"]["shape"] == [HORIZON, ACTION_DIM]
     assert [s["name"] for s in proc["postprocessor"]] == ["action_chunk", "unnormalize"]
-    theirs = load_file(str(diffusion_pipeline["pretrained"] / "model.safetensors"))
-    ours = load_checkpoint(ckpt).model.state_dict()
-    assert set(theirs) == set(ours)
-    for k, v in theirs.items():
-        assert torch.equal(v, ours[k]), k
+    assert_same_weights(diffusion_pipeline["pretrained"], ckpt)
 
 
 def test_exported_graph_takes_history_and_noise_and_passed_its_gate(diffusion_pipeline):

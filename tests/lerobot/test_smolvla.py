@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.lerobot.policies import random_observations, save_with_processors
+from tests.lerobot.policies import assert_same_weights, load_with_processors, random_observations, save_with_processors
 
 pytestmark = pytest.mark.lerobot
 
@@ -131,12 +131,9 @@ def smolvla_pipeline(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lerobot_policy(smolvla_pipeline):
     """LeRobot's SmolVLAPolicy and its processors, loaded from the pretrained_model folder by LeRobot."""
-    from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-    policy = SmolVLAPolicy.from_pretrained(smolvla_pipeline["pretrained"]).eval()
-    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(smolvla_pipeline["pretrained"]))
-    return policy, pre, post
+    return load_with_processors(SmolVLAPolicy, smolvla_pipeline["pretrained"])
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +145,9 @@ def bundle_policy(smolvla_pipeline):
 
 
 def test_checkpoint_holds_config_weights_tokenizer_and_processor_as_data(smolvla_pipeline):
-    from safetensors.torch import load_file
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from vla_export.checkpoint import load_checkpoint
 
     ckpt = smolvla_pipeline["checkpoint"]
     names = {p.name for p in ckpt.iterdir()}
@@ -172,11 +167,7 @@ def test_checkpoint_holds_config_weights_tokenizer_and_processor_as_data(smolvla
     ours_tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     for text in ("pick the cube\n", "stack the cups\n"):
         assert ours_tok.encode(text).ids == theirs_tok(text)["input_ids"]
-    theirs = load_file(str(smolvla_pipeline["pretrained"] / "model.safetensors"))
-    ours = load_checkpoint(ckpt).model.state_dict()
-    assert set(theirs) == set(ours)
-    for k, v in theirs.items():
-        assert torch.equal(v, ours[k]), k
+    assert_same_weights(smolvla_pipeline["pretrained"], ckpt)
 
 
 def test_exported_graph_takes_fixed_prompt_and_noise_and_passed_its_gate(smolvla_pipeline):
