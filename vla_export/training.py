@@ -11,9 +11,10 @@ exported graph's, stay in physical units. Original-layout models get the mean as
 The LSTM head trains on short windows (truncated BPTT) with zero initial state; validation rolls it over whole
 episodes from zero state, as a robot would.
 
-The run length is a number of steps (`epochs`, default DEFAULT_EPOCHS), so the same seed gives the same weights and
-the same validation MAE on any machine; `time_budget_s` is only a safety cap for slow or loaded machines (the
-cosine schedule then anneals by wall time, and config.json records `stopped_by_time_budget`). Frames are
+The run length and the learning-rate schedule go by step (`epochs`, default DEFAULT_EPOCHS), so a seed gives the
+same weights on the same machine however busy it is (CPUs with other kernels, e.g. AVX-512 against AVX2, round
+differently); `time_budget_s` is only a guard that stops a run on a far slower machine (config.json then records
+`stopped_by_time_budget`). Frames are
 preprocessed once (`FrameSet.cache_pixels`), left-right mirrored half the time with lateral/yaw actions negated
 (`mirror_signs`).
 """
@@ -46,9 +47,9 @@ DEFAULT_VAL_FRACTION = 0.2
 # <= 0.5x its baseline for seeds 0, 1 and 2 (docs/benchmarks.md). A step costs ~87 ms on one idle Xeon core and
 # ~360 ms on one core of a 2-core EPYC (Zen 1), so the run takes 2 to 7 minutes.
 DEFAULT_EPOCHS = 9
-# A guard against a machine far slower or busier than those, not part of the recipe: on the EPYC above the steps
-# decide the schedule (`progress_frac`) up to ~0.7 s per step. The old 165 s cap stopped that machine at ~400 steps,
-# before linear_y had learned, so the default command's result depended on the host.
+# A guard against a machine far slower or busier than those, not part of the recipe: the schedule goes by step
+# (`lr_at`), and the guard only stops a run that passes it. The old 165 s cap stopped the EPYC above at ~400 steps,
+# before linear_y had learned, and annealed by wall time, so the default command's result depended on the host.
 DEFAULT_TIME_BUDGET_S = 900.0
 # 2088 train + 504 val frames of the demo data at 224x224: 1.6 GB
 PIXEL_CACHE_MAX_BYTES = 3 * 2**30
@@ -391,18 +392,13 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
     t_train = time.perf_counter()
     stopped_by_budget = False
 
-    def progress_frac(s: int, elapsed: float) -> float:
-        # steps decide (same seed, same weights, whatever the machine); the wall-time cap only shortens the run on a
-        # slow or loaded machine, and then the schedule still anneals before it stops
-        frac = (s - warmup) / max(1, total_steps - warmup)
-        if budget:
-            frac = max(frac, elapsed / (budget * BUDGET_TRAIN_SHARE))
-        return min(1.0, max(0.0, frac))
-
-    def lr_at(s: int, elapsed: float) -> float:
+    def lr_at(s: int) -> float:
+        # by step only, so a seed gives the same weights however fast or busy the machine is; the wall-time guard can
+        # only stop a run early (recorded as stopped_by_time_budget), never reshape its schedule
         if s < warmup:
             return settings.lr * (s + 1) / warmup
-        return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac(s, elapsed))))
+        frac = min(1.0, max(0.0, (s - warmup) / max(1, total_steps - warmup)))
+        return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def validate() -> np.ndarray:
         with ema.swapped() if ema is not None else contextlib.nullcontext():
@@ -430,7 +426,7 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
                 # gradients (plain L1 gives sign-only gradients and stalled at the mean in our runs)
                 loss = torch.nn.functional.smooth_l1_loss((pred - train.targets(pairs, mirror, signs)) / scale,
                                                           torch.zeros_like(pred), beta=1.0)
-                lr_now = lr_at(step, time.perf_counter() - t_train)
+                lr_now = lr_at(step)
                 for g in opt.param_groups:
                     g["lr"] = lr_now * g["lr_scale"]
                 opt.zero_grad(set_to_none=True)
