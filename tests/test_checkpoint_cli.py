@@ -117,3 +117,21 @@ def test_phase_log_records_each_command_with_its_exit_code(tmp_path, monkeypatch
     assert first["argv"][:2] == ["episodes", "synth"] and first["exit"] == 0
     assert second["command"] == "checkpoint" and second["exit"] == 2
     assert first["start"] <= first["end"] and second["wall_s"] >= 0
+
+
+def test_seed_changes_the_weights_but_not_the_held_out_episodes(tmp_path):
+    # runs with different --seed are compared on the same validation episodes; --split-seed picks another split
+    eps = tmp_path / "eps"
+    assert _run("episodes", "synth", "-o", str(eps), "--count", "5", "--frames", "4", "--image-size", "32").exit_code == 0
+
+    def train(name, *args):
+        res = _run("checkpoint", "--preset", "tiny", "--train", str(eps), "--epochs", "1", "--no-progress",
+                   "--val-fraction", "0.4", "-o", str(tmp_path / name), *args)
+        assert res.exit_code == 0, res.output
+        return json.loads((tmp_path / name / "config.json").read_text())["training"]
+
+    a, b = train("a", "--seed", "1"), train("b", "--seed", "2")
+    assert a["val_episodes"] == b["val_episodes"] and a["split_seed"] == b["split_seed"] == 0
+    assert a["val_mae"] != b["val_mae"]  # different weights
+    splits = {tuple(train(f"s{k}", "--split-seed", str(k))["val_episodes"]) for k in range(4)}
+    assert len(splits) > 1

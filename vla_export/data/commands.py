@@ -150,7 +150,10 @@ def _parse_renames(items: tuple[str, ...]) -> dict[str, str]:
               help="Rename state-dict key prefixes of a --from file (repeatable), e.g. module.= .")
 @click.option("--kosmos-pretrained", type=click.Path(), default=None, help="Local HF Kosmos-2 directory (offline).")
 @click.option("--clip-pretrained", type=click.Path(), default=None, help="Local HF CLIP directory (offline).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights, batches and the split.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the weights and the batches.")
+@click.option("--split-seed", default=0, show_default=True, type=int,
+              help="Seed of the train/validation split by episode. Separate from --seed, so runs with different seeds "
+              "are judged on the same held-out episodes.")
 @click.option("--time-budget", default=None, type=float,
               help="Wall-time cap for training in seconds (default 900, a guard for very slow or loaded machines; "
               "ignored with --epochs). The run length itself is a fixed number of epochs, not a time.")
@@ -164,7 +167,8 @@ def _parse_renames(items: tuple[str, ...]) -> dict[str, str]:
               help="Torch CPU threads for training (default: the cores not busy with other processes).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
 def checkpoint_cmd(out_dir, preset, arch, head, sets, train_dir, episodes_dir, random_weights, from_path,
-                   from_lerobot, trust_checkpoint, renames, kosmos_pretrained, clip_pretrained, seed, time_budget, epochs, lr,
+                   from_lerobot, trust_checkpoint, renames, kosmos_pretrained, clip_pretrained, seed, split_seed, time_budget,
+                   epochs, lr,
                    batch_size, val_fraction, max_episodes, threads, no_progress):
     """Create a native policy checkpoint: train on episodes, random weights, or import an existing checkpoint.
 
@@ -204,7 +208,7 @@ def checkpoint_cmd(out_dir, preset, arch, head, sets, train_dir, episodes_dir, r
         overrides["kosmos_pretrained"] = str(Path(kosmos_pretrained).resolve())
     if clip_pretrained:
         overrides["clip_pretrained"] = str(Path(clip_pretrained).resolve())
-    settings = TrainSettings(seed=seed, split_seed=seed, val_fraction=val_fraction,
+    settings = TrainSettings(seed=seed, split_seed=split_seed, val_fraction=val_fraction,
                              time_budget_s=None if epochs else (time_budget or DEFAULT_TIME_BUDGET_S),
                              epochs=epochs, max_episodes=max_episodes, threads=threads,
                              progress=not no_progress)
