@@ -133,15 +133,11 @@ def test_episodes_without_the_processors_observations_are_refused(chunked, tmp_p
         load_task_data(chunked["checkpoint"], eps, split="all")
 
 
-def test_an_observation_history_gives_each_frame_its_own_episodes_past(chunked, tmp_path):
-    """A processor with an observation history (Diffusion Policy's n_obs_steps): each task frame is fed frames
-    t-n+1 .. t of its own episode, the first frame repeated before the start (LeRobot's queues on the robot, its
-    dataset's padding in training); episodes of different lengths in one split; a calibration frame alone gets its
-    history too. (Before: the batch of an episode's frames was one step of a history of copies, and the next
-    episode, of another length, was refused: "call reset() before changing the batch size".)"""
+def _history_noise_checkpoint(chunked, tmp_path, n: int, lengths: tuple[int, ...]):
+    """The chunked checkpoint with a state-only processor: an `n`-frame observation history and a sampler noise
+    step (Diffusion Policy's and SmolVLA's layout); episodes whose state is 100 * episode + frame."""
     import shutil
 
-    from vla_export.data.task import calibration_frames, load_task_data
     from vla_export.processors import Processor
     from vla_export.processors.steps import NoiseStep, ObservationHistoryStep
 
@@ -149,18 +145,47 @@ def test_an_observation_history_gives_each_frame_its_own_episodes_past(chunked, 
     shutil.copytree(chunked["checkpoint"], ckpt)
     for f in ("processor.json", "processor.safetensors"):
         (ckpt / f).unlink(missing_ok=True)
-    n = 3
     Processor({"observation.state": {"type": "state", "shape": [CHUNK_STATE_DIM]}},
               [ObservationHistoryStep(["observation.state"], n_obs_steps=n), NoiseStep("noise", shape=[2], seed=0)],
               action_dim=CHUNK_ACTION_DIM).save(ckpt)
     eps = tmp_path / "eps"
     eps.mkdir()
-    lengths = (4, 6, 5)
     for i, length in enumerate(lengths):
         state = (100 * i + np.arange(length, dtype=np.float32))[:, None].repeat(CHUNK_STATE_DIM, axis=1)
         write_episode(eps / f"episode_{i:04d}.h5", Episode(
             f"episode_{i:04d}", None, np.zeros((length, CHUNK_ACTION_DIM), np.float32), "pick the cube",
             observations={"observation.state": state}))
+    return ckpt, eps
+
+
+def test_calibration_frames_draw_the_sampler_noise_afresh_for_each_frame(chunked, tmp_path):
+    """INT8 calibration must see the noise input's distribution, not one vector: each calibration frame is
+    preprocessed from a reset processor, whose noise step alone would give every frame the same first draw (the
+    calibrated noise range was then one draw's, and SmolVLA's static INT8 missed its parity budget: docs/lerobot.md).
+    Each frame gets its own standard-normal draw, the same for the same seed."""
+    from vla_export.data.task import calibration_frames
+
+    ckpt, eps = _history_noise_checkpoint(chunked, tmp_path, 2, (20, 20, 20))
+    noise = np.concatenate([f["noise"] for f in calibration_frames(ckpt, eps, n=24)])
+    assert noise.shape == (24, 2)
+    assert len(np.unique(noise[:, 0])) == 24  # a draw per frame, not one repeated
+    assert abs(noise.mean()) < 0.5 and 0.6 < noise.std() < 1.4  # standard normal (48 values: loose bounds)
+    again = np.concatenate([f["noise"] for f in calibration_frames(ckpt, eps, n=24)])
+    np.testing.assert_array_equal(again, noise)  # reproducible: the same artifact from the same command
+    other = np.concatenate([f["noise"] for f in calibration_frames(ckpt, eps, n=24, seed=1)])
+    assert not np.array_equal(other, noise)
+
+
+def test_an_observation_history_gives_each_frame_its_own_episodes_past(chunked, tmp_path):
+    """A processor with an observation history (Diffusion Policy's n_obs_steps): each task frame is fed frames
+    t-n+1 .. t of its own episode, the first frame repeated before the start (LeRobot's queues on the robot, its
+    dataset's padding in training); episodes of different lengths in one split; a calibration frame alone gets its
+    history too. (Before: the batch of an episode's frames was one step of a history of copies, and the next
+    episode, of another length, was refused: "call reset() before changing the batch size".)"""
+    from vla_export.data.task import calibration_frames, load_task_data
+
+    n, lengths = 3, (4, 6, 5)
+    ckpt, eps = _history_noise_checkpoint(chunked, tmp_path, n, lengths)
     data = load_task_data(ckpt, eps, split="all")
     history = data.feeds["observation.state"][:, :, 0]  # [frames, n]: each entry is 100 * episode + frame
     want = np.concatenate([100 * i + np.maximum(np.arange(length)[:, None] - np.arange(n - 1, -1, -1), 0)

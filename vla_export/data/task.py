@@ -137,8 +137,9 @@ class EpisodeFeeder:
             obs[proc.text_key] = episode.tasks(index)
         return obs
 
-    def feeds(self, episode: Episode, index) -> dict[str, np.ndarray]:
-        """Model feeds of the frames `index` (a slice or frame indices) of `episode`."""
+    def feeds(self, episode: Episode, index, noise_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """Model feeds of the frames `index` (a slice or frame indices) of `episode`. `noise_rng`: every `noise`
+        step draws its frames' noise from it instead of its own reset generator (see `calibration_frames`)."""
         if self.processor is None:
             if len(episode.camera_keys) != 1:
                 raise UserError(f"episode {episode.name} has cameras {episode.camera_keys}; the built-in hybrid sees "
@@ -159,6 +160,12 @@ class EpisodeFeeder:
         try:
             for back in range(n - 1, 0, -1):
                 proc.observe(self.observation(episode, np.maximum(frames - back, 0)))
+            if noise_rng is not None:
+                from vla_export.processors.steps import NoiseStep
+
+                for step in proc.preprocessor:
+                    if isinstance(step, NoiseStep):  # the step's own distribution, standard normal
+                        step.give(noise_rng.standard_normal((len(frames), *step.cfg["shape"]), dtype=np.float32))
             return proc.preprocess(self.observation(episode, frames))
         finally:
             proc.reset()
@@ -210,12 +217,20 @@ def calibration_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os
                        seed: int = 0, batch: int = 1) -> list[dict[str, np.ndarray]]:
     """`n` frames (as feed dicts of `batch` frames each) spread over the TRAIN split, for INT8 calibration.
 
+    A sampler's noise input (a processor `noise` step) gets a fresh standard-normal draw for every frame, seeded by
+    `seed`: `feeds` resets the processor per frame, so its own generator would give every frame the same first draw,
+    and the calibrated range of the noise and of every flow/denoising step after it would be that one vector's. On
+    the whole-chain pipeline's SmolVLA (8 frames) that one draw spanned [-1.53, 1.73], the noise's input quantizer
+    clipped at 1.73, 9.9% of the parity gate's standard-normal noise lay beyond it and static INT8 missed its parity
+    MAE budget (0.076 > 0.05); a draw per frame gave 0.016 (docs/lerobot.md).
+
     Recurrent-state inputs (LSTM h/c) are not included; add `spec.initial_state(batch)` or rolled-out states."""
     if n < 1:
         raise UserError(f"need at least one calibration frame, got {n}")
     feeder = EpisodeFeeder(checkpoint_dir)
     paths = select_episodes(checkpoint_dir, episodes_dir, "train")
     rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng([seed, 1])  # its own stream: the frames picked do not depend on the noise
     episodes = [load_episode(p) for p in paths]
     picks = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep))]
     order = rng.permutation(len(picks))[: n * batch]
@@ -223,6 +238,6 @@ def calibration_frames(checkpoint_dir: str | os.PathLike, episodes_dir: str | os
     out = []
     for i in range(0, len(picks) - batch + 1, batch):
         chunk = picks[i:i + batch]
-        parts = [feeder.feeds(episodes[e], [t]) for e, t in chunk]
+        parts = [feeder.feeds(episodes[e], [t], noise_rng=noise_rng) for e, t in chunk]
         out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return out
