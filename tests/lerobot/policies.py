@@ -53,3 +53,21 @@ def assert_same_weights(pretrained: Path, checkpoint: Path) -> None:
     assert set(theirs) == set(ours)
     for k, v in theirs.items():
         assert torch.equal(v, ours[k]), k
+
+
+def import_export_bundle(pretrained: Path, root: Path) -> dict[str, Path]:
+    """A LeRobot pretrained_model folder through `vla-export checkpoint --from-lerobot` (the CLI, as a user runs it),
+    the ONNX export with its parity gate, and a bundle: the paths the policy tests read."""
+    from click.testing import CliRunner
+
+    from vla_export.cli import main
+    from vla_export.deploy.bundle import make_bundle
+    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
+
+    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o", str(root / "ckpt")])
+    assert result.exit_code == 0, result.output
+    artifact = Path(export_checkpoint(root / "ckpt", root / "artifacts",
+                                      ExportOptions(n_inputs=2, batch_sizes=(1, 2), quiet=True)).artifact)
+    make_bundle(artifact, root / "bundle")
+    return {"root": root, "pretrained": pretrained, "checkpoint": root / "ckpt", "artifact": artifact,
+            "bundle": root / "bundle"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.lerobot.policies import assert_same_weights, random_observations, save_with_processors
+from tests.lerobot.policies import assert_same_weights, import_export_bundle, random_observations, save_with_processors
 
 pytestmark = pytest.mark.lerobot
 
@@ -71,26 +71,11 @@ def lerobot_actions(pretrained: Path, obs: list[dict[str, np.ndarray]]) -> np.nd
 
 @pytest.fixture(scope="module")
 def act_pipeline(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from vla_export.cli import main
-    from vla_export.deploy.bundle import make_bundle
-    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
-
     root = tmp_path_factory.mktemp("act")
-    pretrained = save_pretrained_act(root / "pretrained_model", n_action_steps=3)
-    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o", str(root / "ckpt")])
-    assert result.exit_code == 0, result.output
-    artifact = Path(export_checkpoint(root / "ckpt", root / "artifacts",
-                                      ExportOptions(n_inputs=2, batch_sizes=(1, 2), quiet=True)).artifact)
-    make_bundle(artifact, root / "bundle")
-    return {"root": root, "pretrained": pretrained, "checkpoint": root / "ckpt", "artifact": artifact,
-            "bundle": root / "bundle"}
+    return import_export_bundle(save_pretrained_act(root / "pretrained_model", n_action_steps=3), root)
 
 
 def test_checkpoint_holds_config_weights_and_processor_as_data(act_pipeline):
-
-
     ckpt = act_pipeline["checkpoint"]
     names = {p.name for p in ckpt.iterdir()}
     assert {"config.json", "model.safetensors", "processor.json", "processor.safetensors"} <= names

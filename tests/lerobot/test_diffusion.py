@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.lerobot.policies import assert_same_weights, load_with_processors, random_observations, save_with_processors
+from tests.lerobot.policies import (
+    assert_same_weights,
+    import_export_bundle,
+    load_with_processors,
+    random_observations,
+    save_with_processors,
+)
 
 pytestmark = pytest.mark.lerobot
 
@@ -100,23 +106,12 @@ def policy_actions(policy, obs: list[dict[str, np.ndarray]], noise: dict[int, np
 
 @pytest.fixture(scope="module")
 def diffusion_pipeline(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from vla_export.cli import main
-    from vla_export.deploy.bundle import make_bundle
-    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
-
     root = tmp_path_factory.mktemp("diffusion")
-    pretrained = save_pretrained_diffusion(root / "pretrained_model")
-    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o", str(root / "ckpt")])
-    assert result.exit_code == 0, result.output
     start = time.perf_counter()
-    artifact = Path(export_checkpoint(root / "ckpt", root / "artifacts",
-                                      ExportOptions(n_inputs=2, batch_sizes=(1, 2), quiet=True)).artifact)
-    print(f"\ndiffusion export ({DDIM_STEPS} DDIM steps, parity gate included): {time.perf_counter() - start:.1f} s")
-    make_bundle(artifact, root / "bundle")
-    return {"root": root, "pretrained": pretrained, "checkpoint": root / "ckpt", "artifact": artifact,
-            "bundle": root / "bundle"}
+    paths = import_export_bundle(save_pretrained_diffusion(root / "pretrained_model"), root)
+    print(f"\ndiffusion import + export ({DDIM_STEPS} DDIM steps, parity gate) + bundle: "
+          f"{time.perf_counter() - start:.1f} s")
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +131,6 @@ def bundle_policy(diffusion_pipeline):
 
 
 def test_checkpoint_holds_config_weights_and_processor_as_data(diffusion_pipeline):
-
-
     ckpt = diffusion_pipeline["checkpoint"]
     names = {p.name for p in ckpt.iterdir()}
     assert {"config.json", "model.safetensors", "processor.json", "processor.safetensors"} <= names

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.lerobot.policies import assert_same_weights, load_with_processors, random_observations, save_with_processors
+from tests.lerobot.policies import (
+    assert_same_weights,
+    import_export_bundle,
+    load_with_processors,
+    random_observations,
+    save_with_processors,
+)
 
 pytestmark = pytest.mark.lerobot
 
@@ -106,26 +112,16 @@ def policy_actions(policy, obs: list[dict], noise: dict[int, np.ndarray] | None)
 
 @pytest.fixture(scope="module")
 def smolvla_pipeline(tmp_path_factory):
-    from click.testing import CliRunner
-
     from tests.lerobot.smolvlm import write_tiny_smolvlm
-    from vla_export.cli import main
-    from vla_export.deploy.bundle import make_bundle
-    from vla_export.export.onnx_export import ExportOptions, export_checkpoint
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("smolvla")
     vlm = write_tiny_smolvlm(root / "smolvlm", image_size=IMAGE[1])
-    pretrained = save_pretrained_smolvla(root / "pretrained_model", vlm)
-    result = CliRunner().invoke(main, ["checkpoint", "--from-lerobot", str(pretrained), "-o", str(root / "ckpt")])
-    assert result.exit_code == 0, result.output
     start = time.perf_counter()
-    artifact = Path(export_checkpoint(root / "ckpt", root / "artifacts",
-                                      ExportOptions(n_inputs=2, batch_sizes=(1, 2), quiet=True)).artifact)
-    print(f"\nsmolvla export ({FLOW_STEPS} flow steps, parity gate included): {time.perf_counter() - start:.1f} s")
-    make_bundle(artifact, root / "bundle")
-    return {"root": root, "vlm": vlm, "pretrained": pretrained, "checkpoint": root / "ckpt", "artifact": artifact,
-            "bundle": root / "bundle"}
+    paths = import_export_bundle(save_pretrained_smolvla(root / "pretrained_model", vlm), root)
+    print(f"\nsmolvla import + export ({FLOW_STEPS} flow steps, parity gate) + bundle: "
+          f"{time.perf_counter() - start:.1f} s")
+    return {**paths, "vlm": vlm}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +143,6 @@ def bundle_policy(smolvla_pipeline):
 def test_checkpoint_holds_config_weights_tokenizer_and_processor_as_data(smolvla_pipeline):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
-
 
     ckpt = smolvla_pipeline["checkpoint"]
     names = {p.name for p in ckpt.iterdir()}
