@@ -205,7 +205,7 @@ def test_spatial_branch_reads_where_the_patches_are():
     for row, col in ((1, 3), (2, 0)):
         pixels = torch.zeros(1, 3, 8, 8)
         pixels[0, 0, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = 1.0  # one red 2x2 patch in an 8x8 image
-        where, _ = pool.locate(torch.randn(1, 16, 8), pixels, torch.randn(1, 4))
+        where, _ = pool.locate(torch.randn(1, 16, 8), pool.patch_colour(pixels), torch.randn(1, 4))
         torch.testing.assert_close(where[0, 0, 0], torch.tensor([-1 + 2 * col / 3, -1 + 2 * row / 3]),
                                    atol=1e-3, rtol=0)
     assert "spatial.coords" not in kosmos2_clip.Kosmos2ClipPolicy(

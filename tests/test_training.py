@@ -12,7 +12,14 @@ from vla_export.checkpoint import load_checkpoint
 from vla_export.data.episodes import load_episode, split_episodes, synth_episodes
 from vla_export.data.preprocess import Preprocessor
 from vla_export.data.task import calibration_frames, load_task_data
-from vla_export.training import FrameSet, TrainSettings, create_checkpoint, mirror_signs
+from vla_export.training import (
+    FrameSet,
+    TowerFeatures,
+    TrainSettings,
+    create_checkpoint,
+    mirror_signs,
+    predict_frames,
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +124,56 @@ def test_time_budget_caps_a_run_and_is_recorded(episodes, tmp_path):
     create_checkpoint(tmp_path / "capped", preset="tiny", episodes_dir=episodes, settings=settings)
     tr = json.loads((tmp_path / "capped" / "config.json").read_text())["training"]
     assert tr["stopped_by_time_budget"] and 0 < tr["steps"] < tr["planned_steps"] and np.isfinite(tr["val_mae"])
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_default_recipe_keeps_the_towers_and_trains_the_head(trained, episodes, tmp_path):
+    """The frozen-tower recipe: every Kosmos-2 / CLIP tensor is the seed's initial one, every head tensor moved."""
+    create_checkpoint(tmp_path / "init", preset="tiny", episodes_dir=episodes, train=False,
+                      settings=TrainSettings(seed=0))
+    init, after = _tensors(tmp_path / "init"), _tensors(trained)
+    assert init.keys() == after.keys()
+    towers = [k for k in init if k.startswith(("kosmos.", "clip."))]
+    heads = [k for k in init if k.startswith(("fusion.", "temporal.", "action_head.", "spatial."))]
+    assert towers and heads
+    assert all(torch.equal(init[k], after[k]) for k in towers)
+    assert all(not torch.equal(init[k], after[k]) for k in heads), [k for k in heads if torch.equal(init[k], after[k])]
+    tr = json.loads((trained / "config.json").read_text())["training"]
+    assert tr["recipe"] == "frozen towers" and tr["frozen"] == ["kosmos", "clip"] and tr["batch_size"] == 32
+
+
+def test_cached_tower_features_give_the_whole_models_predictions(trained, episodes):
+    """Training on cached features is training the exported graph: fuse(tower_features) == encode, per frame and
+    mirrored (as the training batches mirror them)."""
+    ckpt = load_checkpoint(trained)
+    cfg = ckpt.config
+    pre = Preprocessor(cfg["preprocessing"], cfg["model_config"], trained, architecture=cfg["architecture"])
+    _, val_paths = split_episodes(sorted(episodes.glob("*.h5")), 0.2, 0)
+    data = FrameSet([load_episode(p) for p in val_paths[:2]], pre, 2)
+    features = TowerFeatures(ckpt.model, data, mirrored=True)
+    np.testing.assert_allclose(predict_frames(ckpt.model, data, cfg["model_config"], features=features),
+                               predict_frames(ckpt.model, data, cfg["model_config"]), rtol=0, atol=1e-5)
+    pairs = data.index[:6]
+    mirror = np.array([True, False] * 3)
+    with torch.no_grad():
+        fused, where = ckpt.model.fuse(features.batch(pairs, mirror))
+        ref_fused, ref_where = ckpt.model.encode(**data.feeds(pairs, mirror))
+    torch.testing.assert_close(fused, ref_fused, rtol=0, atol=1e-5)
+    torch.testing.assert_close(where, ref_where, rtol=0, atol=1e-5)
+
+
+def test_train_towers_trains_every_weight(episodes, tmp_path):
+    settings = TrainSettings(seed=0, epochs=1, time_budget_s=None, progress=False, max_episodes=4, train_towers=True)
+    create_checkpoint(tmp_path / "all", preset="tiny", episodes_dir=episodes, settings=settings)
+    create_checkpoint(tmp_path / "init", preset="tiny", episodes_dir=episodes, train=False,
+                      settings=TrainSettings(seed=0))
+    init, after = _tensors(tmp_path / "init"), _tensors(tmp_path / "all")
+    assert not torch.equal(init["clip.vision_model.embeddings.patch_embedding.weight"],
+                           after["clip.vision_model.embeddings.patch_embedding.weight"])
+    tr = json.loads((tmp_path / "all" / "config.json").read_text())["training"]
+    assert tr["recipe"] == "all weights" and tr["frozen"] == [] and tr["batch_size"] == 16

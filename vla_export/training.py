@@ -4,6 +4,11 @@ Every frame goes through `Preprocessor` (built from the very config and tokenize
 so the tensors the model is trained on are the tensors deployment produces. The split is by episode
 (`split_episodes`), and its seed/fraction are recorded in config.json `training` so validation reuses it.
 
+By default the Kosmos-2 and CLIP towers keep their weights (pretrained, or the config's random init): their outputs
+are computed once per frame (`TowerFeatures`) and only the fusion MLP, spatial heads and the temporal and action heads
+learn, which is ~9x cheaper a step and, on the demo data, as accurate (FROZEN_TOWERS_RECIPE). `train_towers` trains
+every weight.
+
 Loss: Huber on actions standardised by the training set's per-dimension std. Where the model has normalisation
 buffers (`action_norm`, the default), the train mean/std go into them and the head predicts standardised actions
 (bias zero: the untrained model predicts the mean); the model de-normalises in forward, so its outputs, and every
@@ -43,10 +48,16 @@ from vla_export.models import get_architecture
 
 DEFAULT_ARCH = "kosmos2-clip-hybrid"
 DEFAULT_VAL_FRACTION = 0.2
-# 9 epochs of the demo data (1170 steps of 16 frames). Measured (72 episodes, --epochs 9): every action's val MAE
-# <= 0.5x its baseline for seeds 0, 1 and 2 (docs/benchmarks.md). A step costs ~87 ms on one idle Xeon core and
-# ~360 ms on one core of a 2-core EPYC (Zen 1), so the run takes 2 to 7 minutes.
-DEFAULT_EPOCHS = 9
+# Two recipes (epochs, frames per step), both measured on the demo data (72 episodes, docs/benchmarks.md):
+# - frozen towers (the default): the Kosmos-2 and CLIP towers keep their weights (pretrained, or the config's random
+#   init), their outputs are computed once per frame (`TowerFeatures`), and only the fusion MLP, spatial heads and the
+#   temporal and action heads learn. 18 epochs of 32 frames (1170 steps) took ~40 ms a step + ~35 s of tower features
+#   on one core of a 2-core EPYC (Zen 1); every action's val MAE <= 0.5x its baseline for seeds 0, 1 and 2.
+# - `train_towers` (CLI --train-towers): every weight learns, 9 epochs of 16 frames (1170 steps). The same goal was
+#   met, by a thinner margin, at ~360 ms a step on that EPYC (7 minutes) and ~87 ms on an idle Xeon core.
+FROZEN_TOWERS_RECIPE = {"epochs": 18, "batch_size": 32}
+TRAIN_TOWERS_RECIPE = {"epochs": 9, "batch_size": 16}
+DEFAULT_EPOCHS = TRAIN_TOWERS_RECIPE["epochs"]  # a plug-in architecture without `tower_features` trains everything
 # A guard against a machine far slower or busier than those, not part of the recipe: the schedule goes by step
 # (`lr_at`), and the guard only stops a run that passes it. The old 165 s cap stopped the EPYC above at ~400 steps,
 # before linear_y had learned, and annealed by wall time, so the default command's result depended on the host.
@@ -63,8 +74,11 @@ class TrainSettings:
     val_fraction: float = DEFAULT_VAL_FRACTION
     split_seed: int = 0
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S
-    epochs: int | None = None  # None: DEFAULT_EPOCHS
-    batch_size: int = 16
+    epochs: int | None = None  # None: the recipe's (FROZEN_TOWERS_RECIPE or TRAIN_TOWERS_RECIPE)
+    batch_size: int | None = None  # None: the recipe's
+    # False: the towers stay as they are and only the head learns (FROZEN_TOWERS_RECIPE), where the model can say
+    # which modules its towers are (`TOWERS`, `tower_features`, `fuse`); True: every weight learns
+    train_towers: bool = False
     lr: float = 1e-3  # seed 0, 780 steps, no mirror: val/baseline 0.445 (1e-3), 0.84 (5e-3); 0.48 (2.5e-3, 633 steps)
     weight_decay: float = 0.01
     window: int = 4  # LSTM truncated-BPTT window (frames)
@@ -232,9 +246,9 @@ def _is_lstm(model_config: dict[str, Any]) -> bool:
     return model_config.get("head") == "lstm"
 
 
-def _sequence_actions(model, feeds: dict[str, torch.Tensor], batch: int, steps: int) -> torch.Tensor:
-    """LSTM head over [batch*steps] frames laid out batch-major (b0t0, b0t1, ...): features batched, state carried."""
-    fused, where = model.encode(**feeds)
+def _sequence_actions(model, fused: torch.Tensor, where: torch.Tensor | None, batch: int,
+                      steps: int) -> torch.Tensor:
+    """LSTM head over [batch*steps] encoded frames laid out batch-major (b0t0, b0t1, ...): state carried."""
     fused = fused.view(batch, steps, -1)
     where = where.view(batch, steps, -1) if where is not None else None
     h = fused.new_zeros(batch, model.cfg["head_dim"])
@@ -246,16 +260,68 @@ def _sequence_actions(model, feeds: dict[str, torch.Tensor], batch: int, steps: 
     return torch.stack(outs, dim=1).reshape(batch * steps, -1)
 
 
+class TowerFeatures:
+    """The frozen towers' outputs (`model.tower_features`) for every frame of a FrameSet, and for its left-right
+    mirror when `mirrored`, computed once: a training step then runs only `model.fuse` and the heads.
+
+    On the demo data this replaced ~360 ms of tower forward and backward per step (one EPYC core) with one ~35 s pass,
+    and the towers' random features served the heads as well as the trained towers had (docs/benchmarks.md)."""
+
+    def __init__(self, model, data: FrameSet, mirrored: bool = False, batch_size: int = 64, advance=None):
+        self.data = data
+        self.plain = self._compute(model, data, False, batch_size, advance)
+        self.mirror = self._compute(model, data, True, batch_size, advance) if mirrored else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _compute(model, data: FrameSet, mirror: bool, batch_size: int, advance) -> dict[str, torch.Tensor]:
+        parts: list[dict[str, torch.Tensor]] = []
+        for i in range(0, len(data), batch_size):
+            pairs = data.index[i:i + batch_size]
+            flip = np.full(len(pairs), True) if mirror else None
+            parts.append(model.tower_features(**data.feeds(pairs, flip)))
+            if advance is not None:
+                advance(len(pairs))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def batch(self, pairs: np.ndarray, mirror: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """The features of (episode, t) pairs, mirrored where `mirror` says (as `FrameSet.feeds` mirrors images)."""
+        rows = torch.from_numpy(self.data.offsets[pairs[:, 0]] + pairs[:, 1])
+        out = {k: v[rows] for k, v in self.plain.items()}
+        if mirror is not None and mirror.any():
+            flip = torch.from_numpy(mirror)
+            out = {k: torch.where(flip.view(-1, *[1] * (v.dim() - 1)), self.mirror[k][rows], v)
+                   for k, v in out.items()}
+        return out
+
+
+def frozen_towers(model) -> tuple[str, ...]:
+    """The tower modules a frozen-tower recipe keeps fixed, or () where the model does not say (plug-ins)."""
+    towers = tuple(getattr(model, "TOWERS", ()))
+    if not towers or not all(hasattr(model, a) for a in ("tower_features", "fuse", "temporal", "head_actions")):
+        return ()
+    return towers
+
+
+def _encoder(model, data: FrameSet, features: TowerFeatures | None):
+    """(pairs, mirror) -> (fused, where): through the whole model, or from the frozen towers' cached features."""
+    if features is not None:
+        return lambda pairs, mirror=None: model.fuse(features.batch(pairs, mirror))
+    return lambda pairs, mirror=None: model.encode(**data.feeds(pairs, mirror))
+
+
 @torch.no_grad()
-def predict_frames(model, data: FrameSet, model_config: dict[str, Any], batch_size: int = 64) -> np.ndarray:
-    """Predictions for every frame of `data` in order; the LSTM rolls over each episode from zero state."""
+def predict_frames(model, data: FrameSet, model_config: dict[str, Any], batch_size: int = 64,
+                   features: TowerFeatures | None = None) -> np.ndarray:
+    """Predictions for every frame of `data` in order; the LSTM rolls over each episode from zero state.
+    `features`: the frames' cached tower features (frozen towers), used instead of running the towers again."""
     model.eval()
+    encode = _encoder(model, data, features)
     if _is_lstm(model_config):
         preds = []
         for e, ep in enumerate(data.episodes):
             pairs = np.array([(e, t) for t in range(len(ep))], dtype=np.int64)
-            encoded = [model.encode(**data.feeds(pairs[i:i + batch_size]))
-                       for i in range(0, len(pairs), batch_size)]
+            encoded = [encode(pairs[i:i + batch_size]) for i in range(0, len(pairs), batch_size)]
             fused = torch.cat([f for f, _ in encoded])
             where = torch.cat([w for _, w in encoded]) if encoded[0][1] is not None else None
             h = fused.new_zeros(1, model.cfg["head_dim"])
@@ -266,7 +332,12 @@ def predict_frames(model, data: FrameSet, model_config: dict[str, Any], batch_si
         return np.concatenate(preds)
     out = []
     for i in range(0, len(data), batch_size):
-        out.append(model(**data.feeds(data.index[i:i + batch_size])).numpy())
+        pairs = data.index[i:i + batch_size]
+        if features is not None:
+            fused, where = encode(pairs)
+            out.append(model.head_actions(model.temporal(fused), where).numpy())
+        else:
+            out.append(model(**data.feeds(pairs)).numpy())
     return np.concatenate(out)
 
 
@@ -285,17 +356,20 @@ class WeightAverage:
     """Exponential moving average of the weights: the checkpoint gets the average, which in short noisy runs
     generalises better than the last step's weights. Validation during training uses it too."""
 
-    def __init__(self, model, decay: float):
+    def __init__(self, model, decay: float, names: set[str] | None = None):
+        """`names`: the state entries to average (default every floating one; frozen weights need no average)."""
         self.model = model
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        # state_dict() tensors share storage with the weights, so `live` follows the optimizer's in-place steps
+        self.live = {k: v for k, v in model.state_dict().items()
+                     if v.is_floating_point() and (names is None or k in names)}
+        self.shadow = {k: v.detach().clone() for k, v in self.live.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory early, when the weights move fast
-        for k, v in self.model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v, 1.0 - decay)
+        for k, v in self.live.items():
+            self.shadow[k].lerp_(v, 1.0 - decay)
 
     @contextlib.contextmanager
     def swapped(self):
@@ -316,8 +390,9 @@ SPATIAL_PARAMS = ("spatial.", "spatial_skip.")
 def _param_groups(model, settings: TrainSettings) -> list[dict[str, Any]]:
     """AdamW groups with an `lr_scale` each: the spatial heads and their skip path at `settings.spatial_lr_scale`,
     the rest at 1."""
-    spatial = [p for n, p in model.named_parameters() if n.startswith(SPATIAL_PARAMS)]
-    rest = [p for n, p in model.named_parameters() if not n.startswith(SPATIAL_PARAMS)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    spatial = [p for n, p in trainable if n.startswith(SPATIAL_PARAMS)]
+    rest = [p for n, p in trainable if not n.startswith(SPATIAL_PARAMS)]
     groups = [{"params": rest, "lr_scale": 1.0}]
     if spatial:
         groups.append({"params": spatial, "lr_scale": settings.spatial_lr_scale})
@@ -376,20 +451,26 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
         model.action_head.weight.mul_(0.1)
     scale = torch.from_numpy(std)
 
+    towers = () if settings.train_towers else frozen_towers(model)
+    recipe = FROZEN_TOWERS_RECIPE if towers else TRAIN_TOWERS_RECIPE
+    batch_size = settings.batch_size or recipe["batch_size"]
     lstm = _is_lstm(model_config)
-    frames_per_step = settings.sequences * settings.window if lstm else settings.batch_size
+    frames_per_step = settings.sequences * settings.window if lstm else batch_size
     steps_per_epoch = max(1, len(train) // frames_per_step)
-    epochs = settings.epochs or DEFAULT_EPOCHS
+    epochs = settings.epochs or recipe["epochs"]
     total_steps = epochs * steps_per_epoch
     budget = settings.time_budget_s
+    for name in towers:
+        getattr(model, name).requires_grad_(False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(_param_groups(model, settings), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = np.random.default_rng(settings.seed)
     warmup = min(settings.warmup_steps, max(1, total_steps // 5))
     step, epoch, losses = 0, 0, []
     history = []
     val_mae = float("nan")
-    ema = WeightAverage(model, settings.ema_decay) if settings.ema_decay else None
-    t_train = time.perf_counter()
+    # frozen weights need no average (the buffers, set above, do not change either)
+    ema = WeightAverage(model, settings.ema_decay, trainable if towers else None) if settings.ema_decay else None
     stopped_by_budget = False
 
     def lr_at(s: int) -> float:
@@ -400,28 +481,49 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
         frac = min(1.0, max(0.0, (s - warmup) / max(1, total_steps - warmup)))
         return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    def validate() -> np.ndarray:
-        with ema.swapped() if ema is not None else contextlib.nullcontext():
-            return np.abs(predict_frames(model, val, model_config) - val.actions)
+    train_features = val_features = None
 
-    columns = [TextColumn("[bold]training"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]:.3f} val MAE {task.fields[val]}"),
-               TimeElapsedColumn()]
+    def validate(final: bool = False) -> np.ndarray:
+        # the final pass runs the whole model, as every exported graph will; the ones before reuse the cached features
+        with ema.swapped() if ema is not None else contextlib.nullcontext():
+            return np.abs(predict_frames(model, val, model_config, features=None if final else val_features)
+                          - val.actions)
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
     with Progress(*columns, disable=not settings.progress, transient=False) as progress:
-        task = progress.add_task("train", total=1.0, epoch=0, loss=float("nan"), val="-")
+        if towers:
+            model.eval()
+            frames = len(train) * (2 if signs is not None else 1) + len(val)
+            ftask = progress.add_task(f"tower features ({'+'.join(towers)} frozen)", total=frames,
+                                      status=f"{frames} frames")
+            advance = lambda n: progress.advance(ftask, n)  # noqa: E731
+            train_features = TowerFeatures(model, train, mirrored=signs is not None, advance=advance)
+            val_features = TowerFeatures(model, val, advance=advance)
+            train.pixels = None  # the features stand in for the images from here on (~1.3 GB on the demo data)
+        encode = _encoder(model, train, train_features)
+        task = progress.add_task("training", total=1.0, status="")
+        t_train = time.perf_counter()
         done = False
+        val_text = "-"
         while not done:
             model.train()
+            for name in towers:
+                getattr(model, name).eval()  # not run while frozen; eval mode says they do not learn
             order = rng.permutation(len(train))
             for i in range(steps_per_epoch):
                 if lstm:
                     pairs, window = _sample_windows(train, rng, settings.sequences, settings.window)
                     mirror = np.repeat(rng.random(len(pairs) // window) < 0.5, window) if signs is not None else None
-                    pred = _sequence_actions(model, train.feeds(pairs, mirror), len(pairs) // window, window)
+                    pred = _sequence_actions(model, *encode(pairs, mirror), len(pairs) // window, window)
                 else:
                     pairs = train.index[order[i * frames_per_step:(i + 1) * frames_per_step]]
                     mirror = rng.random(len(pairs)) < 0.5 if signs is not None else None
-                    pred = model(**train.feeds(pairs, mirror))
+                    if train_features is not None:
+                        fused, where = encode(pairs, mirror)
+                        pred = model.head_actions(model.temporal(fused), where)
+                    else:
+                        pred = model(**train.feeds(pairs, mirror))
                 # Huber on standardised actions: MSE-like near the target, so early feature learning gets graded
                 # gradients (plain L1 gives sign-only gradients and stalled at the mean in our runs)
                 loss = torch.nn.functional.smooth_l1_loss((pred - train.targets(pairs, mirror, signs)) / scale,
@@ -431,7 +533,7 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
                     g["lr"] = lr_now * g["lr_scale"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
                 if ema is not None:
                     ema.update(step)
@@ -439,7 +541,8 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
                 losses.append(float(loss.detach()))
                 elapsed = time.perf_counter() - t_train
                 frac = max(step / total_steps, elapsed / (budget * BUDGET_TRAIN_SHARE) if budget else 0.0)
-                progress.update(task, completed=min(1.0, frac), loss=float(np.mean(losses[-20:])), epoch=epoch)
+                progress.update(task, completed=min(1.0, frac), status=f"epoch {epoch} loss "
+                                f"{np.mean(losses[-20:]):.3f} val MAE {val_text}")
                 if step >= total_steps:
                     done = True
                     break
@@ -450,15 +553,17 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
             epoch += 1
             # a validation pass costs ~1/6 of an epoch: a few for the history, then the final one
             if done or (settings.val_every and epoch % settings.val_every == 0):
-                errors = validate()
+                errors = validate(final=done)
                 val_mae = float(errors.mean())
                 history.append({"epoch": epoch, "step": step,
                                 "train_loss": float(np.mean(losses[-steps_per_epoch:])), "val_mae": val_mae,
                                 "val_mae_per_action": [round(float(x), 5) for x in errors.mean(0)],
                                 "elapsed_s": round(time.perf_counter() - t_train, 2)})
-                progress.update(task, val=f"{val_mae:.4f}", epoch=epoch)
+                val_text = f"{val_mae:.4f}"
     if ema is not None:
         ema.copy_to_model()
+    for name in towers:
+        getattr(model, name).requires_grad_(True)
     model.eval()
     wall = time.perf_counter() - t_start
     per_dim = errors.mean(0)
@@ -486,7 +591,9 @@ def _train(model, config: dict[str, Any], pre: Preprocessor, episodes_dir: str |
         "steps": step,
         "planned_steps": total_steps,
         "stopped_by_time_budget": stopped_by_budget,
-        "batch_size": settings.batch_size,
+        "batch_size": batch_size,
+        "recipe": "frozen towers" if towers else "all weights",
+        "frozen": list(towers),
         "window": settings.window if lstm else None,
         "sequences": settings.sequences if lstm else None,
         "lr": settings.lr,

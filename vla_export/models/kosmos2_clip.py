@@ -187,15 +187,23 @@ class SpatialPool(nn.Module):
     def forward(self, patches: torch.Tensor, pixel_values: torch.Tensor,
                 query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pooled features [B, out_dim] and every head's attended (x, y), flattened [B, heads * 2]."""
-        where, what = self.locate(patches, pixel_values, query)
+        return self.pool(patches, self.patch_colour(pixel_values), query)
+
+    def patch_colour(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image average-pooled onto the patch grid: [B, N, 3]."""
+        return nn.functional.avg_pool2d(pixel_values, self.patch_size).flatten(2).transpose(1, 2)
+
+    def pool(self, patches: torch.Tensor, colour: torch.Tensor,
+             query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` from the patch colours (`patch_colour`) instead of the image."""
+        where, what = self.locate(patches, colour, query)
         b = patches.shape[0]
         return self.out(torch.cat([where, what], dim=-1).reshape(b, -1)), where.reshape(b, -1)
 
-    def locate(self, patches: torch.Tensor, pixel_values: torch.Tensor,
+    def locate(self, patches: torch.Tensor, colour: torch.Tensor,
                query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per head: the attended (x, y) [B, H, 1, 2] and the attended value [B, H, 1, dv]."""
         b, n, _ = patches.shape
-        colour = nn.functional.avg_pool2d(pixel_values, self.patch_size).flatten(2).transpose(1, 2)  # [B, N, 3]
         p = torch.cat([self.norm(patches), colour.to(patches.dtype)], dim=-1)
         k = self.key(p).view(b, n, self.heads, SPATIAL_KEY_DIM).transpose(1, 2)  # [B, H, N, dk]
         v = self.value(p).view(b, n, self.heads, SPATIAL_VALUE_DIM).transpose(1, 2)  # [B, H, N, dv]
@@ -225,6 +233,10 @@ def legacy_overrides(state_keys, overrides: dict | None = None) -> dict:
 
 
 class Kosmos2ClipPolicy(nn.Module):
+    # The two transformers models, pretrained (`kosmos_pretrained`, `clip_pretrained`) or built from a config: the
+    # modules a frozen-tower training recipe keeps as they are (`tower_features` is all of their work).
+    TOWERS = ("kosmos", "clip")
+
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         from transformers import CLIPModel, Kosmos2Model
@@ -327,15 +339,32 @@ class Kosmos2ClipPolicy(nn.Module):
                clip_attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per frame: the fused features for the temporal head, and the spatial heads' attended coordinates
         [B, heads * 2] (None without spatial heads), which `head_actions` takes for the skip path."""
+        return self.fuse(self.tower_features(pixel_values, input_ids, attention_mask, image_embeds_position_mask,
+                                             clip_input_ids, clip_attention_mask))
+
+    def tower_features(self, pixel_values, input_ids, attention_mask, image_embeds_position_mask, clip_input_ids,
+                       clip_attention_mask) -> dict[str, torch.Tensor]:
+        """What the two towers (the `TOWERS` modules) make of a frame, and nothing they learn from: `fuse` turns it
+        into the head's input. Training with frozen towers computes this once per frame (`training.TowerFeatures`)."""
         k, patches = self.kosmos_features(pixel_values, input_ids, attention_mask, image_embeds_position_mask,
                                           return_patches=True)
         c_text = self.clip.text_model(input_ids=clip_input_ids, attention_mask=clip_attention_mask).pooler_output
         c_text = self.clip.text_projection(c_text)
         c_image = self.clip.visual_projection(self.clip.vision_model(pixel_values=pixel_values).pooler_output)
-        fused = self.fusion(torch.cat([k, c_text, c_image], dim=-1))
+        features = {"kosmos_text": k, "clip_text": c_text, "clip_image": c_image}
+        if self.spatial is not None:
+            features["patches"] = patches
+            features["patch_colour"] = self.spatial.patch_colour(pixel_values)
+        return features
+
+    def fuse(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`encode` from `tower_features`' output: the fusion MLP and the spatial heads."""
+        k, c_text = features["kosmos_text"], features["clip_text"]
+        fused = self.fusion(torch.cat([k, c_text, features["clip_image"]], dim=-1))
         where = None
         if self.spatial is not None:
-            pooled, where = self.spatial(patches, pixel_values, torch.cat([k, c_text], dim=-1))
+            pooled, where = self.spatial.pool(features["patches"], features["patch_colour"],
+                                              torch.cat([k, c_text], dim=-1))
             # added, not concatenated: the original layout's tensors keep their shapes
             fused = fused + pooled
         return fused, where
