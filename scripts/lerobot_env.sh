@@ -14,10 +14,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     start=$(date +%s)
     test -x "$PY" || "$PYTHON" -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
-    # lerobot decides torch (<2.11); everything else of vla-export is unconstrained here.
-    "$PY" -m pip install -q -e '.[dev,lerobot]'
+    # lerobot decides torch (<2.11); everything else of vla-export is unconstrained here. --no-compile: modules are
+    # byte-compiled when first imported (below), not all of them at install time (see the Makefile).
+    "$PY" -m pip install -q --no-compile -e '.[dev,lerobot]'
     touch "$STAMP"
     echo "lerobot env: built in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
 fi
 [ "${1:-}" = "--build" ] && exit 0
+unset PYTHONDONTWRITEBYTECODE
 "$PY" -m pytest -q -m lerobot tests/lerobot

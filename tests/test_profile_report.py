@@ -13,7 +13,7 @@ from tests.test_validate import make_tiny_set
 from vla_export import manifest as mf
 from vla_export.cli import main
 from vla_export.errors import EXIT_USER_ERROR
-from vla_export.validate.profile import add_speedups, measure_target, plan_targets, profile
+from vla_export.validate.profile import add_speedups, measure_isolated, measure_target, plan_targets, profile
 from vla_export.validate.report import build_report
 
 STAT_KEYS = {"iters", "mean_ms", "std_ms", "min_ms", "max_ms", "p50_ms", "p90_ms", "p99_ms", "fps", "warmup"}
@@ -88,6 +88,17 @@ def test_profile_cli_isolated_rows(tiny, tmp_path):
         assert r["status"] == "ok", r
         assert r["threads"] == 1 and r["rss_delta_bytes"] > 0
         check_stats(r["batches"]["1"], 1, 3)
+
+
+def test_isolated_row_that_fails_or_hangs_is_a_failed_row(tiny, tmp_path):
+    """A row's process that raises, or outlives its timeout, becomes a failed row with the reason; the run goes on."""
+    target = next(t for t in plan_targets([tiny.artifacts], include_eager=False) if t["backend"] == "onnxruntime")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    row = measure_isolated(target | {"artifact": str(broken)}, [1], 0, 2)
+    assert row["status"] == "failed" and row["reason"].startswith("worker failed: "), row
+    row = measure_isolated(target, [1], 10**6, 2, timeout_s=3)  # a million warm-up calls: killed at 3 s
+    assert row["status"] == "failed" and row["reason"] == "timed out after 3 s", row
 
 
 def test_profile_bad_options_are_one_line(tiny):
