@@ -14,25 +14,35 @@ from vla_export.checkpoint import load_checkpoint, make_config, save_checkpoint
 from vla_export.cli import main
 from vla_export.engines.aoti import AotiRunner, compile_aoti, compile_settings, up_to_date
 from vla_export.errors import EXIT_UNAVAILABLE, EXIT_USER_ERROR, UserError
-from vla_export.manifest import read_manifest, total_bytes
+from vla_export.manifest import aoti_weights_path, read_manifest, total_bytes
 from vla_export.models import build_model
 from vla_export.runtime import TorchRunner, open_runner
+from vla_export.runtime.pytorch import load_aoti_package
+
+
+def _random_checkpoint(out: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    cfg = make_config("kosmos2-clip-hybrid", "tiny", None)
+    model, _ = build_model("kosmos2-clip-hybrid", cfg["model_config"])
+    return save_checkpoint(model, out, cfg)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = make_config("kosmos2-clip-hybrid", "tiny", None)
-    model, _ = build_model("kosmos2-clip-hybrid", cfg["model_config"])
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", cfg)
+    return _random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", 0)
 
 
 @pytest.fixture(scope="session")
-def compiled(tiny_checkpoint, tmp_path_factory):
-    """One CPU fp32 compile for the whole session (~30-45 s on 2 cores)."""
+def code_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("aoti-cache")
+
+
+@pytest.fixture(scope="session")
+def compiled(tiny_checkpoint, code_cache, tmp_path_factory):
+    """One CPU fp32 compile for the whole session (~30-90 s on 2 cores)."""
     out = tmp_path_factory.mktemp("aoti")
-    path, manifest, built = compile_aoti(tiny_checkpoint, out, device="cpu", dtype="fp32")
-    assert built
+    path, manifest, built = compile_aoti(tiny_checkpoint, out, device="cpu", dtype="fp32", cache_dir=code_cache)
+    assert built and manifest["compiled_code_from_cache"] is None
     return path, manifest
 
 
@@ -44,7 +54,10 @@ def test_package_and_manifest(compiled, tiny_checkpoint):
     assert manifest["precision"] == "fp32" and manifest["device"] == "cpu"
     assert manifest["source"]["checkpoint"] == str(tiny_checkpoint.resolve())
     assert manifest["source"]["checkpoint_sha256"] == load_checkpoint(tiny_checkpoint).sha256
-    assert manifest["total_bytes"] == total_bytes(path) == path.stat().st_size > 1_000_000
+    weights = aoti_weights_path(path)
+    assert weights.name == "model.cpu.fp32.weights.safetensors" and manifest["settings"]["weights"] == "external"
+    assert manifest["files"] == {path.name: path.stat().st_size, weights.name: weights.stat().st_size}
+    assert manifest["total_bytes"] == total_bytes(path) == path.stat().st_size + weights.stat().st_size > 2_000_000
     assert manifest["settings"]["dynamic_dims"]["batch"] == [1, 8]
     assert manifest["timing"]["compile_s"] > 0 and manifest["timing"]["peak_rss_bytes"] > 0
     assert not list(path.parent.glob(".staging-*"))
@@ -73,7 +86,7 @@ def test_package_takes_keyword_inputs_only(compiled, tiny_checkpoint):
     """Why the runner calls with kwargs: the package was exported from kwargs and rejects positional inputs."""
     path, manifest = compiled
     spec = load_checkpoint(tiny_checkpoint).spec
-    package = torch._inductor.aoti_load_package(str(path))
+    package = load_aoti_package(path, aoti_weights_path(path))
     feeds = {k: torch.from_numpy(v) for k, v in spec.example_inputs(batch=2).items()}
     with torch.inference_mode():
         assert package(**feeds).shape == (2, 2)
@@ -88,6 +101,36 @@ def test_runner_rejects_bad_feeds(compiled, tiny_checkpoint):
     feeds["input_ids"] = feeds["input_ids"].astype(np.int32)
     with open_runner(path) as runner, pytest.raises(UserError, match="input_ids: dtype int32"):
         runner.infer(feeds)
+
+
+def test_cached_code_runs_another_checkpoints_weights(compiled, code_cache, tmp_path):
+    """The compiled code depends on the graph, not the weights: a checkpoint of the same config with other weights
+    takes it from the cache, and the package computes with its own weights (not the compiled one's)."""
+    path, manifest = compiled
+    other = _random_checkpoint(tmp_path / "other", 1)
+    other_path, other_manifest, built = compile_aoti(other, tmp_path / "out", device="cpu", dtype="fp32",
+                                                     cache_dir=code_cache)
+    assert built and other_manifest["compiled_code_from_cache"] == str(
+        code_cache / f"{manifest['graph_fingerprint']}.pt2")
+    assert other_manifest["graph_fingerprint"] == manifest["graph_fingerprint"]
+    assert other_path.read_bytes() == path.read_bytes()  # the same code
+    parity = other_manifest["compile_check"]["parity_vs_eager_same_dtype"]
+    assert all(m["actions"]["mae"] < 1e-5 for m in parity.values())
+    ckpt = load_checkpoint(other)
+    feeds = ckpt.spec.example_inputs(batch=2, seed=3)
+    with open_runner(other_path) as mine, open_runner(path) as first, TorchRunner(ckpt.model, ckpt.spec) as eager:
+        ref = eager.infer(feeds)["actions"]
+        assert float(np.abs(mine.infer(feeds)["actions"] - ref).max()) < 1e-5
+        assert float(np.abs(first.infer(feeds)["actions"] - ref).max()) > 1e-3  # other weights, other actions
+
+
+def test_package_without_its_weights_file_is_one_line(compiled, tmp_path):
+    path, _ = compiled
+    lone = tmp_path / path.name
+    lone.write_bytes(path.read_bytes())
+    (tmp_path / f"{path.name}.json").write_bytes(Path(f"{path}.json").read_bytes())
+    with pytest.raises(UserError, match="compiled without its weights and model.cpu.fp32.weights.safetensors is not"):
+        open_runner(lone).activate()
 
 
 def test_rerun_is_up_to_date(compiled, tiny_checkpoint):

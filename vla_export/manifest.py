@@ -71,14 +71,24 @@ def _all_initializers(graph):
                 yield from _all_initializers(g)
 
 
+def aoti_weights_path(package: str | os.PathLike) -> Path:
+    """The weights file beside an AOTInductor package compiled without its weights (`model.cpu.fp32.pt2` ->
+    `model.cpu.fp32.weights.safetensors`)."""
+    package = Path(package)
+    return package.with_name(package.name.removesuffix(".pt2") + ".weights.safetensors")
+
+
 def artifact_files(path: str | os.PathLike) -> list[Path]:
-    """Every file an artifact needs to run: the file itself plus, for ONNX, its external data."""
+    """Every file an artifact needs to run: the file itself plus, for ONNX, its external data and, for an
+    AOTInductor package, its weights file where it has one."""
     path = Path(path)
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     files = [path]
     if path.suffix == ".onnx":
         files += onnx_external_files(path)
+    if path.suffix == ".pt2" and aoti_weights_path(path).exists():
+        files.append(aoti_weights_path(path))
     return files
 
 

@@ -130,11 +130,16 @@ def _cache_dir() -> Path:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weights and compute dtype; float inputs are cast to it.")
 @click.option("--force", is_flag=True, help="Recompile even if an up-to-date package exists.")
-def aoti_command(checkpoint, bundle_dir, out_dir, device, dtype, force):
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Compiled code by graph fingerprint: a checkpoint of an architecture and config compiled before "
+              "(other weights) skips the compile [default: $VLA_EXPORT_AOTI_CACHE, else no cache].")
+def aoti_command(checkpoint, bundle_dir, out_dir, device, dtype, force, cache_dir):
     """Compile a checkpoint ahead of time with AOTInductor into model.<device>.<dtype>.pt2.
 
     The package has the IO spec's dynamic batch and text lengths and runs without the model code
-    (torch._inductor.aoti_load_package). Re-running with the same checkpoint and settings is a no-op.
+    (torch._inductor.aoti_load_package). Its weights go beside it (model.<device>.<dtype>.weights.safetensors), so
+    the compiled code serves any checkpoint of the same config (--cache). Re-running with the same checkpoint and
+    settings is a no-op.
 
     \b
     Example:
@@ -158,14 +163,14 @@ def aoti_command(checkpoint, bundle_dir, out_dir, device, dtype, force):
         out_dir = Path(bundle_dir)
         with bundle_checkpoint(Path(bundle_dir), info) as checkpoint:
             path, manifest, built = compile_aoti(checkpoint, out_dir, device=device, dtype=dtype, force=force,
-                                                 console=console)
+                                                 console=console, cache_dir=cache_dir)
             manifest["source"] |= {"checkpoint": str(Path(bundle_dir).resolve()), "checkpoint_in_bundle": True}
             write_manifest(path, manifest)
         _add_to_bundle(Path(bundle_dir), path, manifest, console)
         _report_aoti(console, path, manifest, built, dtype)
         return
     path, manifest, built = compile_aoti(checkpoint, out_dir, device=device, dtype=dtype, force=force,
-                                         console=console)
+                                         console=console, cache_dir=cache_dir)
     _report_aoti(console, path, manifest, built, dtype)
 
 
@@ -199,8 +204,10 @@ def _report_aoti(console, path: Path, manifest: dict, built: bool, dtype: str) -
         return
     parity = manifest["compile_check"]["parity_vs_eager_same_dtype"]
     worst = max(m["mae"] for per_batch in parity.values() for m in per_batch.values())
-    console.print(f"wrote {path} ({manifest['total_bytes'] / 1e6:.1f} MB) in {manifest['timing']['wall_s']:.1f} s "
-                  f"(compile {manifest['timing']['compile_s']:.1f} s, peak RSS "
+    compiled = ("code from the cache" if manifest.get("compiled_code_from_cache")
+                else f"compile {manifest['timing']['compile_s']:.1f} s")
+    console.print(f"wrote {path} ({manifest['total_bytes'] / 1e6:.1f} MB with its weights) in "
+                  f"{manifest['timing']['wall_s']:.1f} s ({compiled}, peak RSS "
                   f"{manifest['timing']['peak_rss_bytes'] / 2**30:.2f} GiB); MAE vs eager {dtype}: {worst:.2e}")
 
 

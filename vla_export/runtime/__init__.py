@@ -53,6 +53,9 @@ def open_runner(artifact: str | os.PathLike, device: str | None = None, provider
 
         return TensorRTRunner(artifact, spec, manifest=manifest)
     if backend == "aoti":
+        from vla_export.manifest import aoti_weights_path
 
-        return AotiRunner(artifact, spec, device=device or manifest.get("device", "cpu"), precision=precision)
+        weights = aoti_weights_path(artifact) if manifest.get("settings", {}).get("weights") == "external" else None
+        return AotiRunner(artifact, spec, device=device or manifest.get("device", "cpu"), precision=precision,
+                          weights=weights)
     raise UserError(f"{artifact}: manifest names unknown backend {backend!r}; rebuild the artifact")

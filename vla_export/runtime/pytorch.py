@@ -99,26 +99,54 @@ def check_device(device: str) -> None:
                                  "neither; compile with --device cpu here, or run this on the GPU machine")
 
 
+def load_aoti_package(package: str | os.PathLike, weights: str | os.PathLike | None = None, device: str = "cpu"):
+    """`torch._inductor.aoti_load_package`, then, for a package compiled without its weights, the weights from
+    their safetensors file (tensors only: nothing is unpickled). Constants the package folds at load
+    (`_FOLDED_CONST_*`, from `use_runtime_constant_folding`) are derived from these; every other one must be there."""
+    import torch
+
+    loaded = torch._inductor.aoti_load_package(str(package))
+    if weights is None:
+        return loaded
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights), device=device)
+    needed = [n for n in loaded.get_constant_fqns() if not n.startswith("_FOLDED_CONST_")]
+    missing = [n for n in needed if n not in tensors]
+    if missing:
+        raise UserError(f"{Path(weights).name} lacks {len(missing)} of the constants {Path(package).name} needs "
+                        f"(e.g. {missing[0]!r}); the two files come from different compiles: rebuild with "
+                        "`vla-export aoti --force`")
+    loaded.load_constants({n: tensors[n] for n in needed}, check_full_update=False)
+    return loaded
+
+
 class AotiRunner(TorchCallableRunner):
-    """An AOTInductor `.pt2` package, called with the spec's inputs as keyword arguments."""
+    """An AOTInductor `.pt2` package, called with the spec's inputs as keyword arguments. `weights`: the safetensors
+    file of a package compiled without its weights (`vla-export aoti` writes them beside it), else None."""
 
     backend = "aoti"
 
     def __init__(self, path: str | os.PathLike, spec: IOSpec, device: str = "cpu", precision: str = "fp32",
-                 name: str | None = None):
+                 name: str | None = None, weights: str | os.PathLike | None = None):
         path = Path(path)
         super().__init__(name or path.name, spec, device, precision)
         self.path = path
+        self.weights = Path(weights) if weights is not None else None
 
     def _activate(self):
-        import torch
 
         if not self.path.exists():
             raise UserError(f"AOTInductor package {self.path} does not exist; build it with `vla-export aoti`")
         check_device(self.device.split(":")[0])
         self._activate_torch()
+        if self.weights is not None and not self.weights.exists():
+            raise UserError(f"{self.path.name} was compiled without its weights and {self.weights.name} is not beside "
+                            "it; copy both files (or rebuild with `vla-export aoti`)")
         try:
-            self.package = self.fn = torch._inductor.aoti_load_package(str(self.path))
+            self.package = self.fn = load_aoti_package(self.path, self.weights, self.device)
+        except UserError:
+            raise
         except Exception as e:  # torch raises RuntimeError with a C++ trace for a foreign/corrupt package
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load AOTInductor package {self.path.name} ({first}); packages are tied to the "
