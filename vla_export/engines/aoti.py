@@ -2,7 +2,7 @@
 
 `torch.export.export(model, kwargs=feeds, dynamic_shapes=spec.torch_dynamic_shapes())` traces the policy with the
 spec's dynamic dims (batch, text lengths); `torch._inductor.aoti_compile_and_package` compiles that program into a
-self-contained package (kernels + weights) that `torch._inductor.aoti_load_package` runs without the model code.
+package that `load_aoti_package` runs without the model code.
 
 The package takes the spec's inputs as keyword arguments (it was exported from kwargs; positional calls raise "kwarg
 keyword mismatch") in the compile dtype: float inputs are cast to it, as `TorchRunner` does for eager.
