@@ -16,7 +16,7 @@ exported graph's, stay in physical units. Original-layout models get the mean as
 The LSTM head trains on short windows (truncated BPTT) with zero initial state; validation rolls it over whole
 episodes from zero state, as a robot would.
 
-The run length and the learning-rate schedule go by step (`epochs`, default DEFAULT_EPOCHS), so a seed gives the
+The run length and the learning-rate schedule go by step (`epochs`, default the recipe's), so a seed gives the
 same weights on the same machine however busy it is (CPUs with other kernels, e.g. AVX-512 against AVX2, round
 differently); `time_budget_s` is only a guard that stops a run on a far slower machine (config.json then records
 `stopped_by_time_budget`). Frames are
@@ -56,8 +56,7 @@ DEFAULT_VAL_FRACTION = 0.2
 # - `train_towers` (CLI --train-towers): every weight learns, 9 epochs of 16 frames (1170 steps). The same goal was
 #   met, by a thinner margin, at ~360 ms a step on that EPYC (7 minutes) and ~87 ms on an idle Xeon core.
 FROZEN_TOWERS_RECIPE = {"epochs": 18, "batch_size": 32}
-TRAIN_TOWERS_RECIPE = {"epochs": 9, "batch_size": 16}
-DEFAULT_EPOCHS = TRAIN_TOWERS_RECIPE["epochs"]  # a plug-in architecture without `tower_features` trains everything
+TRAIN_TOWERS_RECIPE = {"epochs": 9, "batch_size": 16}  # also what a plug-in without `tower_features` gets
 # A guard against a machine far slower or busier than those, not part of the recipe: the schedule goes by step
 # (`lr_at`), and the guard only stops a run that passes it. The old 165 s cap stopped the EPYC above at ~400 steps,
 # before linear_y had learned, and annealed by wall time, so the default command's result depended on the host.
