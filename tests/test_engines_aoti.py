@@ -163,3 +163,13 @@ def test_cli_bad_checkpoint_exits_2(tmp_path):
     assert result.exit_code == EXIT_USER_ERROR and "does not exist" in result.output
     with pytest.raises(UserError, match="does not exist"):
         AotiRunner(tmp_path / "missing.pt2", None).activate()
+
+
+def test_cli_unusable_cache_exits_2_before_compiling(tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["aoti", str(tiny_checkpoint), "-o", str(tmp_path / "out"),
+                                       "--cache", str(blocker / "cache")])
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    assert "cannot create the AOTI cache directory" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list((tmp_path / "out").glob("*.pt2"))

@@ -193,6 +193,8 @@ def compile_aoti(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, devi
     ckpt_sha = checkpoint_sha256(checkpoint)
     if not force and up_to_date(package, ckpt_sha, settings):
         return package, read_manifest(package), False
+    if cache_dir:
+        _check_cache_dir(Path(cache_dir))
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -245,6 +247,18 @@ def compile_aoti(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, devi
         write_manifest(staged, manifest)
         final = publish([*artifact_files(staged), manifest_path(staged)], out_dir)[0]
     return final, manifest, True
+
+
+def _check_cache_dir(cache_dir: Path) -> None:
+    """Before minutes of compiling: the cache directory exists (made if not) and is writable."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the AOTI cache directory {cache_dir}: {e.strerror}; pass a writable --cache "
+                        f"DIR (or unset {CACHE_ENV})") from e
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise UserError(f"the AOTI cache directory {cache_dir} is not writable; pass a writable --cache DIR (or unset "
+                        f"{CACHE_ENV})")
 
 
 def _store_in_cache(package: Path, cached: Path) -> None:
